@@ -1,0 +1,350 @@
+"""Bundles: the files of a job, packed on the front-end and unpacked, after checks, on a node.
+
+A bundle is a manifest (path, kind, mode, size, sha256, symlink target) followed by the bytes
+of its regular files, concatenated in manifest order and cut into chunks. Paths are relative to
+the node's binRoot. The sender is trusted to be of this cluster (the key says so) but not to be
+careful, so the receiver treats a manifest as hostile until checked: no absolute paths, no
+``..``, no symlink that points outside the root or that another entry would be written
+through, no device or special files, and sizes and hashes that match the bytes that arrive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gproc.errors import GprocError
+from gproc.wire import CHUNK
+
+KINDS = ("f", "d", "l")
+
+
+class BundleError(GprocError):
+    """A manifest or its bytes failed a check; nothing of the job is kept."""
+
+
+@dataclass
+class Entry:
+    """One file, directory or symlink of a bundle."""
+
+    path: str
+    kind: str
+    mode: int = 0o755
+    size: int = 0
+    sha256: bytes = b""
+    link: str = ""
+    src: str = field(default="", repr=False)  # host path on the sender; never sent
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "p": self.path,
+            "k": self.kind,
+            "m": self.mode,
+            "s": self.size,
+            "h": self.sha256,
+            "l": self.link,
+        }
+
+
+# ---------------------------------------------------------------- packing (front-end)
+
+
+class Packer:
+    """Collects entries; symlink chains are kept, parent directories become plain ones."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+
+    def add_object(self, root: str, path: str) -> None:
+        """Add root-relative absolute ``path`` of tree ``root``, following its symlink chain."""
+        from gproc.elf import resolve_in_root
+
+        seen: set[str] = set()
+        while path not in seen:
+            seen.add(path)
+            rel = _relative(path)
+            host = os.path.join(
+                resolve_in_root(root, posixpath.dirname(path) or "/"), posixpath.basename(path)
+            )
+            st = os.lstat(host)
+            if not stat.S_ISLNK(st.st_mode):
+                self._add_file(rel, host, st)
+                return
+            target = os.readlink(host)
+            absolute = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+            link = posixpath.relpath(absolute, posixpath.dirname(path))
+            self._put(Entry(rel, "l", 0o777, link=link))
+            path = absolute
+
+    def add_host_path(self, path: str) -> None:
+        """Add a front-end file or directory (``-f``) at the same absolute path, recursively."""
+        path = os.path.abspath(path)
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            self.add_dir(path, st.st_mode)
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for name in dirnames:
+                    self.add_dir(os.path.join(dirpath, name))
+                for name in sorted(filenames):
+                    full = os.path.join(dirpath, name)
+                    self._add_file(_relative(full), full, os.stat(full))
+        else:
+            self._add_file(_relative(path), path, st)
+
+    def add_dir(self, path: str, mode: int = 0o755) -> None:
+        self._put(Entry(_relative(os.path.abspath(path)), "d", stat.S_IMODE(mode) or 0o755))
+
+    def _add_file(self, rel: str, host: str, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{host} is not a regular file, directory or symlink; cannot ship it")
+        self._put(
+            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, _sha256_file(host), src=host)
+        )
+
+    def _put(self, entry: Entry) -> None:
+        self.entries.setdefault(entry.path, entry)
+
+    def manifest(self) -> list[Entry]:
+        """Directories first (shallow to deep), then everything else in insertion order."""
+        dirs = sorted(
+            (e for e in self.entries.values() if e.kind == "d"), key=lambda e: e.path.count("/")
+        )
+        return dirs + [e for e in self.entries.values() if e.kind != "d"]
+
+
+def _relative(path: str) -> str:
+    rel = posixpath.normpath(path).lstrip("/")
+    return rel or "."
+
+
+def _sha256_file(path: str) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.digest()
+
+
+def total_size(manifest: Iterable[Entry]) -> int:
+    return sum(e.size for e in manifest if e.kind == "f")
+
+
+def chunks(manifest: Iterable[Entry]) -> Iterator[bytes]:
+    """The file bytes of a manifest, concatenated, in chunks of at most CHUNK bytes."""
+    buf = bytearray()
+    for e in manifest:
+        if e.kind != "f":
+            continue
+        with open(e.src, "rb") as f:
+            left = e.size
+            while left > 0:
+                block = f.read(min(CHUNK - len(buf), left))
+                if not block:
+                    raise BundleError(f"{e.src} shrank while it was being sent")
+                left -= len(block)
+                buf += block
+                if len(buf) == CHUNK:
+                    yield bytes(buf)
+                    buf.clear()
+    if buf:
+        yield bytes(buf)
+
+
+# ---------------------------------------------------------------- checking (node)
+
+
+def check_manifest(raw: Any, total: Any) -> list[Entry]:
+    """Entries of a received manifest, or BundleError naming the first bad one."""
+    if not isinstance(raw, list) or not isinstance(total, int) or total < 0:
+        raise BundleError("manifest is not a list with a total size")
+    entries = [_check_entry(item) for item in raw]
+    paths = {e.path for e in entries}
+    if len(paths) != len(entries):
+        raise BundleError("manifest names a path twice")
+    links = {e.path for e in entries if e.kind == "l"}
+    for e in entries:
+        _check_not_through_link(e.path, links)
+        if e.kind == "l":
+            _check_link(e)
+    if sum(e.size for e in entries if e.kind == "f") != total:
+        raise BundleError(
+            f"file sizes add up to {sum(e.size for e in entries)}, not the announced {total} bytes"
+        )
+    return entries
+
+
+def _check_entry(item: Any) -> Entry:
+    if not isinstance(item, dict):
+        raise BundleError("manifest entry is not a map")
+    path, kind, mode = item.get("p"), item.get("k"), item.get("m")
+    size, digest, link = item.get("s", 0), item.get("h", b""), item.get("l", "")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise BundleError(f"bad path {path!r} in manifest")
+    if kind not in KINDS:
+        raise BundleError(
+            f"{path}: kind {kind!r} is not a file, directory or symlink "
+            "(device and special files are refused)"
+        )
+    if not isinstance(mode, int) or mode & ~0o7777:
+        raise BundleError(f"{path}: mode {mode!r} is not plain permission bits")
+    if not isinstance(size, int) or size < 0 or (kind != "f" and size):
+        raise BundleError(f"{path}: bad size {size!r}")
+    if not isinstance(digest, bytes) or (kind == "f" and len(digest) != 32):
+        raise BundleError(f"{path}: bad sha256")
+    if not isinstance(link, str) or (kind == "l") != bool(link):
+        raise BundleError(f"{path}: bad symlink target {link!r}")
+    return Entry(_check_path(path), kind, mode & 0o1777, size, digest, link)
+
+
+def _check_path(path: str) -> str:
+    if path.startswith("/"):
+        raise BundleError(f"absolute path {path!r} in manifest")
+    parts = path.split("/")
+    if ".." in parts:
+        raise BundleError(f"path {path!r} climbs out of the root with '..'")
+    norm = posixpath.normpath(path)
+    if norm == "." and path != ".":
+        raise BundleError(f"path {path!r} names the root itself")
+    return norm
+
+
+def _check_not_through_link(path: str, links: set[str]) -> None:
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in links:
+            raise BundleError(f"{path} would be written through the symlink {'/'.join(parts[:i])}")
+
+
+def _check_link(e: Entry) -> None:
+    if e.link.startswith("/"):
+        raise BundleError(f"symlink {e.path} -> {e.link} points outside the root")
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(e.path), e.link))
+    if target == ".." or target.startswith("../"):
+        raise BundleError(f"symlink {e.path} -> {e.link} points outside the root")
+
+
+# ---------------------------------------------------------------- unpacking (node)
+
+
+class Unpacker:
+    """Writes a checked manifest under ``root`` as its bytes arrive.
+
+    ``root`` may already hold files of earlier jobs (``-p=false``); files are written to a
+    temporary name and renamed into place so a binary another job runs is never rewritten in
+    place, and every directory on the way is checked to resolve inside ``root``.
+    """
+
+    def __init__(self, root: Path, entries: list[Entry], tag: str):
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.tag = tag
+        self.files = [e for e in entries if e.kind == "f"]
+        self.index = 0
+        self.current: _Incoming | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        for e in entries:
+            if e.kind == "d":
+                self._dir(e.path, e.mode)
+        for e in entries:
+            if e.kind == "l":
+                self._symlink(e)
+        self._advance()
+
+    @property
+    def complete(self) -> bool:
+        return self.index >= len(self.files) and self.current is None
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.current is None:
+                raise BundleError(f"{len(view)} bytes arrived beyond the manifest")
+            used = self.current.write(view)
+            view = view[used:]
+            if self.current.left == 0:
+                self.current.finish()
+                self.current = None
+                self.index += 1
+                self._advance()
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.discard()
+            self.current = None
+
+    def _advance(self) -> None:
+        while self.index < len(self.files):
+            e = self.files[self.index]
+            self.current = _Incoming(self._host(e.path), e, self.tag)
+            if e.size:
+                return
+            self.current.finish()
+            self.current = None
+            self.index += 1
+
+    def _host(self, path: str) -> str:
+        """Host path for ``path``, after making sure its directory is inside the root."""
+        parent = self.root / posixpath.dirname(path) if "/" in path else self.root
+        parent.mkdir(parents=True, exist_ok=True)
+        real = os.path.realpath(parent)
+        if real != self.real_root and not real.startswith(self.real_root + "/"):
+            raise BundleError(f"{path}: its directory resolves to {real}, outside the root")
+        return os.path.join(real, posixpath.basename(path))
+
+    def _dir(self, path: str, mode: int) -> None:
+        if path == ".":
+            return
+        host = self._host(path + "/.")
+        os.makedirs(host, exist_ok=True)
+        os.chmod(host, mode | 0o700)
+
+    def _symlink(self, e: Entry) -> None:
+        host = self._host(e.path)
+        tmp = f"{host}.gproc-{self.tag}"
+        os.symlink(e.link, tmp)
+        os.replace(tmp, host)
+
+
+class _Incoming:
+    """One regular file being received: written to a temporary name, checked, renamed."""
+
+    def __init__(self, host: str, entry: Entry, tag: str):
+        self.host = host
+        self.entry = entry
+        self.left = entry.size
+        self.tmp = f"{host}.gproc-{tag}"
+        self.hash = hashlib.sha256()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.tmp, flags, 0o600)
+
+    def write(self, view: memoryview) -> int:
+        part = view[: self.left]
+        self.hash.update(part)
+        os.write(self.fd, part)
+        self.left -= len(part)
+        return len(part)
+
+    def finish(self) -> None:
+        os.fchmod(self.fd, self.entry.mode & 0o1777)
+        os.close(self.fd)
+        self.fd = -1
+        if self.hash.digest() != self.entry.sha256:
+            os.unlink(self.tmp)
+            raise BundleError(f"{self.entry.path}: bytes do not match the manifest's sha256")
+        os.replace(self.tmp, self.host)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,240 @@
+"""The ``gproc`` command: one program, one-letter modes, the seed's Go-style switches.
+
+Switches come before the mode (``gproc -locale=kane s``); for ``e`` they may also follow it,
+before the node spec. ``-name=value`` and ``-name value`` both work, and boolean switches take
+``-p=false`` as Go's flag package does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from gproc import nodespec
+
+MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
+BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing")
+TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
+
+DESCRIPTION = """\
+Run a program across a cluster. The binary, every shared library it needs and any -f files
+are packed on the front-end, shipped through the tree (master, rack masters, nodes), run in a
+private mount that leaves nothing behind, and every node's output comes back labelled.
+
+modes:
+  m                      master, on the front-end: children connect on -cmdport, clients
+                         on the Unix socket -defaultMasterUDS
+  s                      slave, on every node: registers with its parent (from -locale),
+                         runs jobs, serves its own children
+  e NODES CMD [ARGS...]  exec: run CMD on the nodes NODES selects; exits with the largest
+                         exit status (128+signal), 255 when a node was lost or unreachable
+  i                      info: the whole tree, every node's id path, name, address, level
+                         and state
+  k                      key: create the cluster key (-key) if there is none
+
+node specs:  1-80   nodes 1 to 80 of the first level     .    every first-level node
+             1/.    node 1 and all its children           ./.  every node of a 2-level tree
+             1-2,3/1-3   nodes 1, 2, 3 and children 1-3 of node 3
+
+exit status: the job's status for e; 1 when gproc itself failed (message says why);
+2 for a usage error.
+"""
+
+
+def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
+    """The seed's switches; ``default`` overrides every default (SUPPRESS for re-parsing)."""
+
+    def add(name: str, help: str, **kw: object) -> None:
+        if default is not None:
+            kw["default"] = default
+        p.add_argument(f"-{name}", f"--{name}", help=help, **kw)  # type: ignore[arg-type]
+
+    def flag(name: str, help: str, on: bool = False) -> None:
+        add(name, help, action="store_true", dest=name)
+        kw = {"default": default} if default is not None else {}
+        p.add_argument(
+            f"--no-{name}", action="store_false", dest=name, help=argparse.SUPPRESS, **kw
+        )  # type: ignore[arg-type]
+        if on and default is None:
+            p.set_defaults(**{name: True})
+
+    flag(
+        "p",
+        "private mount: the job's files are mounted over binRoot in the job's own mount "
+        "namespace and vanish with it (default true; -p=false leaves them in binRoot)",
+        on=True,
+    )
+    flag("localbin", "run the node's own program instead of shipping it")
+    add("debug", "log level 0-10 (0 warnings only, 1+ info, 5+ debug)", type=int, metavar="N")
+    add(
+        "f",
+        "comma-separated files or directories to ship too (same path on the nodes)",
+        metavar="FILES",
+    )
+    add("binRoot", "where jobs' files appear on a node (default /tmp/xproc)", metavar="DIR")
+    add("defaultMasterUDS", "the master's Unix socket (default /tmp/g)", metavar="PATH")
+    add(
+        "locale",
+        "topology: local, kane, kf, etchosts, or a .json/.toml topology file (default local)",
+        metavar="NAME",
+    )
+    add("cmdport", "TCP port daemons serve children on (default 6666)", type=int, metavar="PORT")
+    add(
+        "r",
+        "root to find the program and its libraries in (cross-architecture runs; default /)",
+        metavar="ROOT",
+    )
+    add(
+        "L",
+        "extra library directories, colon-separated, searched as LD_LIBRARY_PATH would be",
+        metavar="DIRS",
+    )
+    add("parent", "the parent's address host[:port], for locales that need it", metavar="ADDR")
+    add("myId", "which node this slave is (local locale: required)", type=int, metavar="N")
+    add(
+        "racksize",
+        "nodes per rack for kane-like locales (default: the locale's own)",
+        type=int,
+        metavar="N",
+    )
+    add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
+    flag("raw", "e: print output bytes as they come, without node labels")
+    flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
+    flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
+    flag("skipMissing", "e: ship what can be found when a library is missing")
+
+
+DEFAULTS = {
+    "p": True,
+    "localbin": False,
+    "debug": 0,
+    "f": "",
+    "binRoot": "/tmp/xproc",
+    "defaultMasterUDS": "/tmp/g",
+    "locale": "local",
+    "cmdport": 6666,
+    "r": "/",
+    "L": "",
+    "parent": None,
+    "myId": None,
+    "racksize": None,
+    "key": None,
+    "raw": False,
+    "b": False,
+    "ldenv": False,
+    "skipMissing": False,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gproc",
+        description=DESCRIPTION,
+        allow_abbrev=False,
+        usage="gproc [switches] m | s | e NODES CMD [ARGS...] | i | k",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_switches(p)
+    p.set_defaults(**DEFAULTS)
+    p.add_argument("mode", help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def go_style(argv: list[str]) -> list[str]:
+    """Rewrite Go-style boolean switches (-p=false) into what argparse understands."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and eq and name in BOOLS:
+            if value.lower() in TRUE:
+                arg = f"-{name}"
+            elif value.lower() in FALSE:
+                arg = f"--no-{name}"
+            else:
+                raise SystemExit(usage_error(f"-{name} takes true or false, not {value!r}"))
+        out.append(arg)
+    return out
+
+
+def usage_error(message: str) -> int:
+    build_parser().print_usage(sys.stderr)
+    print(f"gproc: error: {message}", file=sys.stderr)
+    return 2
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    argv = go_style(argv)
+    args = build_parser().parse_args(argv)
+    mode = MODES.get(args.mode) or (args.mode if args.mode in MODES.values() else None)
+    if mode is None:
+        raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i or k"))
+    args.mode = mode
+    if mode == "exec":
+        _parse_exec(args)
+    elif args.rest:
+        raise SystemExit(usage_error(f"mode {mode} takes no arguments, got {args.rest[0]!r}"))
+    return args
+
+
+def _parse_exec(args: argparse.Namespace) -> None:
+    """Switches may follow ``e``; then come the node spec and the command."""
+    p = argparse.ArgumentParser(prog="gproc e", allow_abbrev=False, add_help=False)
+    add_switches(p, default=argparse.SUPPRESS)
+    p.add_argument("spec")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    try:
+        ns = p.parse_args(args.rest)
+    except SystemExit:
+        raise SystemExit(usage_error("e needs a node spec and a command")) from None
+    vars(args).update(vars(ns))
+    if not args.command:
+        raise SystemExit(usage_error("e needs a command after the node spec"))
+    try:
+        nodespec.parse(args.spec)
+    except nodespec.SpecError as e:
+        raise SystemExit(usage_error(str(e))) from None
+
+
+def setup_logging(level: int) -> None:
+    lvl = logging.WARNING if level <= 0 else logging.INFO if level < 5 else logging.DEBUG
+    logging.basicConfig(
+        level=lvl, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.debug)
+    from gproc import commands
+
+    try:
+        return commands.run(args)
+    except KeyboardInterrupt:
+        print("gproc: interrupted; the job is killed on every node", file=sys.stderr)
+        return 130
+    except commands.user_errors() as e:
+        print(f"gproc: {e}", file=sys.stderr)
+        return 1
+
+
+def run_until_signalled(coro_factory: object) -> None:
+    """Run a daemon's coroutine; SIGTERM and SIGINT end it cleanly."""
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(coro_factory())  # type: ignore[operator]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(runner())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

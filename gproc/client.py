@@ -1,0 +1,190 @@
+"""The exec and info clients (``gproc e``, ``gproc i``), talking to the master's Unix socket.
+
+``gproc e`` packs the program, its ELF closure, the ``-f`` files and the current directory
+(recreated empty on the nodes, where the program starts), sends the master the job header,
+waits for the plan (so a spec that selects nothing costs no transfer), streams the file bytes
+while already printing what comes back, and exits with the job's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+
+from gproc import nodespec
+from gproc.bundle import Packer, chunks, total_size
+from gproc.errors import GprocError
+from gproc.output import Printer
+from gproc.relay import Tree
+from gproc.wire import VERSION, Conn, Frame, ProtocolError
+
+
+class ClientError(GprocError):
+    """Something the user can fix: the message says what and how; exit status 1."""
+
+
+@dataclass
+class ExecOptions:
+    spec: str
+    argv: list[str]
+    uds: str = "/tmp/g"
+    root: str = "/"
+    libpath: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    private: bool = True
+    localbin: bool = False
+    ldenv: bool = False
+    skip_missing: bool = False
+    raw: bool = False
+    fold: bool = False
+
+
+def build_job(opts: ExecOptions) -> tuple[Frame, Packer]:
+    """The job header and the packed files, from the user's command line."""
+    from gproc import elf
+
+    nodespec.parse(opts.spec)  # fail on a bad spec before any work
+    packer = Packer()
+    header: Frame = {
+        "t": "job",
+        "v": VERSION,
+        "spec": opts.spec,
+        "argv": list(opts.argv),
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "private": opts.private,
+    }
+    if opts.localbin:
+        header["mode"] = "local"
+    else:
+        prog = elf.find_program(opts.argv[0], opts.root)
+        if elf.is_elf(elf.resolve_in_root(opts.root, prog)):
+            found = elf.closure(prog, opts.root, opts.libpath, opts.skip_missing)
+            for obj in found.objects:
+                packer.add_object(opts.root, obj)
+            header.update(
+                mode="env" if opts.ldenv else "loader",
+                prog=prog,
+                interp=found.interp,
+                libdirs=found.libdirs,
+                argv0=_loader_takes_argv0(opts.root, found.interp),
+            )
+        else:
+            packer.add_object(opts.root, prog)
+            header.update(mode="direct", prog=prog)
+    for path in opts.files:
+        if not os.path.exists(path):
+            raise ClientError(f"-f {path}: no such file or directory")
+        packer.add_host_path(path)
+    packer.add_dir(header["cwd"])
+    manifest = packer.manifest()
+    header.update(manifest=[e.wire() for e in manifest], total=total_size(manifest))
+    return header, packer
+
+
+def _loader_takes_argv0(root: str, interp: str | None) -> bool:
+    """glibc's loader learned --argv0 in 2.33; look for the option in the shipped loader."""
+    if not interp:
+        return False
+    from gproc.elf import resolve_in_root
+
+    with open(resolve_in_root(root, interp), "rb") as f:
+        return b"--argv0" in f.read()
+
+
+async def connect(uds: str) -> Conn:
+    try:
+        reader, writer = await asyncio.open_unix_connection(uds)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ClientError(
+            f"no master answers on {uds}: start one with "
+            "'gproc-deploy up 1 8 --locale local' or 'gproc m'"
+        ) from None
+    except PermissionError:
+        raise ClientError(
+            f"{uds} belongs to another user's master; use -defaultMasterUDS to name yours"
+        ) from None
+    return Conn(reader, writer)
+
+
+async def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
+    header, packer = build_job(opts)
+    printer = printer or Printer(raw=opts.raw, folded=opts.fold)
+    conn = await connect(opts.uds)
+    try:
+        await conn.send(header)
+        reply = await conn.recv()
+        if reply is None:
+            raise ClientError("the master closed the connection without an answer")
+        if reply["t"] == "error":
+            raise ClientError(str(reply.get("message")))
+        printer.planned = list(reply.get("nodes", []))
+        printer.unreachable = list(reply.get("unreachable", []))
+        sender = asyncio.ensure_future(_send_files(conn, packer))
+        await _receive(conn, printer)
+        await sender
+    finally:
+        await conn.close()
+    return printer.finish()
+
+
+async def _send_files(conn: Conn, packer: Packer) -> None:
+    for chunk in chunks(packer.manifest()):
+        await conn.send({"t": "data", "b": chunk})
+
+
+async def _receive(conn: Conn, printer: Printer) -> None:
+    while (frame := await conn.recv()) is not None:
+        kind = frame["t"]
+        if kind == "out":
+            printer.output(frame["node"], frame["fd"], frame["b"])
+        elif kind == "exit":
+            printer.exited(frame["node"], frame["status"])
+        elif kind == "lost":
+            printer.node_lost(frame["nodes"], frame.get("reason", "lost"))
+        elif kind == "done":
+            return
+        else:
+            raise ProtocolError(f"unexpected {kind!r} frame from the master")
+    raise ClientError("the master went away before the job ended")
+
+
+async def fetch_tree(uds: str) -> Tree:
+    conn = await connect(uds)
+    try:
+        await conn.send({"t": "info", "v": VERSION})
+        reply = await conn.recv()
+    finally:
+        await conn.close()
+    if reply is None or reply.get("t") != "tree":
+        raise ClientError(f"the master did not answer the info request: {reply!r}")
+    return reply["tree"]
+
+
+def tree_rows(tree: Tree) -> list[tuple[str, str, str, int, str]]:
+    """(id path, name, address, level, state) for every node, depth first."""
+    rows = [("-", tree["name"], tree["addr"], 0, tree["state"])]
+
+    def walk(children: list[Tree], prefix: str, level: int) -> None:
+        for child in children:
+            path = f"{prefix}{child['id']}"
+            rows.append((path, child["name"], child["addr"], level, child["state"]))
+            walk(child.get("children", []), path + "/", level + 1)
+
+    walk(tree.get("children", []), "", 1)
+    return rows
+
+
+def format_tree(tree: Tree) -> str:
+    rows = tree_rows(tree)
+    head = ("PATH", "NAME", "ADDRESS", "LEVEL", "STATE")
+    table = [head] + [(p, n, a, str(lv), s) for p, n, a, lv, s in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in table
+    ]
+    up = sum(1 for r in rows[1:] if r[4] == "up")
+    lines.append(f"{len(rows) - 1} nodes below {tree['name']}: {up} up, {len(rows) - 1 - up} lost")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""What each mode of ``gproc`` does, once the command line is parsed (see gproc.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+from gproc.errors import GprocError
+from gproc.locales import Locale, LocaleError, LocaleOptions, load_locale
+from gproc.wire import create_key, load_key
+
+log = logging.getLogger("gproc")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Every exception type whose message is meant for the user (printed, exit 1)."""
+    from gproc.elf import ClosureError
+    from gproc.nodespec import SpecError
+
+    return (GprocError, LocaleError, ClosureError, SpecError)
+
+
+def run(args: argparse.Namespace) -> int:
+    return MODES[args.mode](args)
+
+
+def locale_for(args: argparse.Namespace) -> Locale:
+    opts = LocaleOptions(
+        cmdport=args.cmdport,
+        parent=args.parent,
+        bin_root=args.binRoot,
+        my_id=args.myId,
+        rack_size=args.racksize,
+    )
+    return load_locale(args.locale, opts)
+
+
+def key_for(args: argparse.Namespace) -> bytes:
+    """The cluster key; the local locale makes one for the user when there is none."""
+    if args.locale == "local":
+        path, created = create_key(args.key)
+        if created:
+            log.warning("created cluster key %s", path)
+    return load_key(args.key)
+
+
+def do_master(args: argparse.Namespace) -> int:
+    from gproc.master import Master
+
+    locale = locale_for(args)
+    master = Master(
+        locale.master_name(), locale.master_listen(), args.defaultMasterUDS, key_for(args)
+    )
+
+    async def serve() -> None:
+        try:
+            await master.start()
+            await asyncio.Event().wait()
+        finally:
+            await master.close()
+
+    return run_daemon(serve)
+
+
+def do_slave(args: argparse.Namespace) -> int:
+    from gproc.slave import NodeConfig, Slave
+
+    place = locale_for(args).place()
+    slave = Slave(
+        NodeConfig(place.name, place.bin_root),
+        place.node_id,
+        place.listen,
+        place.parent,
+        key_for(args),
+    )
+    return run_daemon(slave.run)
+
+
+def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
+    """Run a daemon until SIGTERM or SIGINT; a port already taken is the user's to fix."""
+    from gproc.cli import run_until_signalled
+
+    try:
+        run_until_signalled(main)
+    except OSError as e:
+        hint = " (is another daemon using this port?)" if e.errno == 98 else ""
+        raise GprocError(f"cannot serve: {e.strerror or e}{hint}") from None
+    return 0
+
+
+def do_exec(args: argparse.Namespace) -> int:
+    from gproc.client import ExecOptions, run_exec
+
+    opts = ExecOptions(
+        spec=args.spec,
+        argv=args.command,
+        uds=args.defaultMasterUDS,
+        root=args.r,
+        libpath=[d for d in args.L.split(":") if d],
+        files=[f for f in args.f.split(",") if f],
+        private=args.p,
+        localbin=args.localbin,
+        ldenv=args.ldenv,
+        skip_missing=args.skipMissing,
+        raw=args.raw,
+        fold=args.b,
+    )
+    return asyncio.run(run_exec(opts))
+
+
+def do_info(args: argparse.Namespace) -> int:
+    from gproc.client import fetch_tree, format_tree
+
+    print(format_tree(asyncio.run(fetch_tree(args.defaultMasterUDS))))
+    return 0
+
+
+def do_key(args: argparse.Namespace) -> int:
+    path, created = create_key(args.key)
+    print(
+        f"{'created' if created else 'kept the existing'} cluster key {path}; "
+        "copy it, mode 0600, to every node",
+        file=sys.stderr,
+    )
+    return 0
+
+
+MODES = {"master": do_master, "slave": do_slave, "exec": do_exec, "info": do_info, "key": do_key}

@@ -1,0 +1,177 @@
+"""The master daemon (``gproc m``): the root of the tree, serving exec clients on a Unix socket.
+
+The master is a relay hop that never runs jobs itself. Children register over TCP; clients
+(``gproc e``, ``gproc i``) talk over a Unix socket created mode 0600, so only its owner can
+start jobs. Before any file byte moves, the master checks the job header and answers with
+the plan (the nodes the spec selects in its view of the whole tree, and the ids it names that
+no live node answers to); a spec that selects nothing is refused there. A client that goes
+away before its job is done has its job killed on every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from gproc import nodespec
+from gproc.bundle import BundleError, check_manifest
+from gproc.errors import GprocError
+from gproc.relay import Hop, Job, Tree, check_header, expand, unreachable
+from gproc.wire import VERSION, Conn, Frame, ProtocolError
+
+log = logging.getLogger("gproc.master")
+
+CLIENT_HELLO_TIMEOUT = 30
+
+
+class MasterRunning(GprocError):
+    """Another master already answers on the Unix socket."""
+
+
+class Master:
+    def __init__(self, name: str, listen: tuple[str, int], uds: str, key: bytes):
+        self.name = name
+        self.listen = listen
+        self.uds = uds
+        self.hop = Hop(name, 0, key)
+        self.uds_server: asyncio.base_events.Server | None = None
+
+    def tree(self) -> Tree:
+        return {
+            "id": 0,
+            "name": self.name,
+            "addr": f"{self.listen[0]}:{self.listen[1]}",
+            "state": "up",
+            "children": self.hop.subtrees(),
+        }
+
+    async def start(self) -> None:
+        await self.hop.serve(*self.listen)
+        await self._serve_uds()
+        log.info("master %s: children on %s:%d, clients on %s", self.name, *self.listen, self.uds)
+
+    async def _serve_uds(self) -> None:
+        if os.path.exists(self.uds):
+            if _answers(self.uds):
+                raise MasterRunning(
+                    f"a master already runs on {self.uds}; stop it first "
+                    "(gproc-deploy down) or pick another -defaultMasterUDS"
+                )
+            os.unlink(self.uds)
+        old = os.umask(0o177)
+        try:
+            self.uds_server = await asyncio.start_unix_server(self._client, self.uds)
+        finally:
+            os.umask(old)
+        os.chmod(self.uds, 0o600)
+
+    async def close(self) -> None:
+        if self.uds_server is not None:
+            self.uds_server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.uds)
+        await self.hop.close()
+
+    # ------------------------------------------------------------ clients
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Conn(reader, writer)
+        try:
+            frame = await asyncio.wait_for(conn.recv(), CLIENT_HELLO_TIMEOUT)
+            if frame is None:
+                return
+            if frame.get("v") != VERSION:
+                await conn.send(
+                    {
+                        "t": "error",
+                        "message": f"client speaks protocol version "
+                        f"{frame.get('v')!r}, this master {VERSION}",
+                    }
+                )
+            elif frame["t"] == "info":
+                await conn.send({"t": "tree", "tree": self.tree()})
+            elif frame["t"] == "job":
+                await self._job(conn, frame)
+            else:
+                raise ProtocolError(f"unexpected {frame['t']!r} frame from a client")
+        except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
+            log.warning("client dropped: %s", e or type(e).__name__)
+        finally:
+            await conn.close()
+
+    async def _job(self, conn: Conn, header: Frame) -> None:
+        plan = await self._plan(conn, header)
+        if plan is None:
+            return
+        spec, total = plan
+        job = await self.hop.start_job(header, conn, None, spec)
+        log.info("job %s: %s on %s (%d bytes)", job.jid, header["argv"][0], header["spec"], total)
+        try:
+            await self._stream(conn, job, total)
+            await self._await_end(conn, job)
+        finally:
+            if not job.finished.is_set():
+                log.warning("job %s: client went away; killing it everywhere", job.jid)
+                await job.kill()
+
+    async def _plan(self, conn: Conn, header: Frame) -> tuple[nodespec.Spec, int] | None:
+        """Check the header and send the plan; None (after telling the client) to refuse."""
+        try:
+            check_header(header)
+            spec = nodespec.parse(header["spec"])
+            check_manifest(header.get("manifest"), header.get("total"))
+        except (nodespec.SpecError, BundleError, ValueError) as e:
+            await conn.send({"t": "error", "message": str(e)})
+            return None
+        trees = self.hop.subtrees()
+        nodes, missing = expand(spec, trees), unreachable(spec, trees, self.name)
+        if not nodes:
+            await conn.send(
+                {
+                    "t": "error",
+                    "message": f"node spec {header['spec']!r} selects no"
+                    " live node (see 'gproc i' for the tree)",
+                    "unreachable": missing,
+                }
+            )
+            return None
+        await conn.send({"t": "plan", "nodes": nodes, "unreachable": missing})
+        return spec, header["total"]
+
+    async def _stream(self, conn: Conn, job: Job, total: int) -> None:
+        """Relay the client's file chunks to the job's children as they arrive."""
+        received = 0
+        while received < total:
+            frame = await conn.recv()
+            if frame is None:
+                raise ConnectionResetError("client closed before sending every file byte")
+            data = frame.get("b")
+            if frame["t"] != "data" or not isinstance(data, bytes):
+                raise ProtocolError(f"expected file data, got a {frame['t']!r} frame")
+            received += len(data)
+            if received > total:
+                raise ProtocolError(f"client sent more than the announced {total} bytes")
+            await job.feed(data)
+
+    async def _await_end(self, conn: Conn, job: Job) -> None:
+        """Wait for the job to end, or for the client to go away (which kills it)."""
+        finished = asyncio.ensure_future(job.finished.wait())
+        gone = asyncio.ensure_future(conn.recv())
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (finished, gone):
+                task.cancel()
+            await asyncio.gather(finished, gone, return_exceptions=True)
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True

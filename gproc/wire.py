@@ -1,0 +1,198 @@
+"""The wire protocol: length-prefixed msgpack frames and the cluster-key handshake.
+
+Every frame is a 4-byte big-endian length followed by one msgpack map with a ``t`` (type)
+field. Lengths above :data:`MAX_FRAME` are refused before any byte of the body is read, so a
+hostile peer cannot make a daemon allocate more than that. File bytes travel in chunks of
+:data:`CHUNK` bytes, far below the cap.
+
+TCP connections between daemons begin with a versioned hello and a mutual challenge-response
+on the shared cluster key (HMAC-SHA256, the idea of MUNGE): each side proves it holds the key
+by MACing the other side's fresh nonce, bound to its own role so a reply cannot be reflected
+back. A peer without the key learns nothing but the two nonces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from gproc.errors import GprocError
+
+VERSION = 1
+MAX_FRAME = 4 << 20
+CHUNK = 256 << 10
+HANDSHAKE_TIMEOUT = 10.0
+_LEN = struct.Struct(">I")
+
+Frame = dict[str, Any]
+
+
+class ProtocolError(GprocError):
+    """The peer broke the protocol; the connection is closed with this reason logged."""
+
+
+def encode(frame: Frame) -> bytes:
+    """One frame, ready to write: length prefix and msgpack body."""
+    body = msgpack.packb(frame, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte cap")
+    return _LEN.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
+    """The next frame, or None on a clean end of stream between frames."""
+    try:
+        head = await reader.readexactly(4)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise ProtocolError("connection closed inside a frame header") from None
+        return None
+    (size,) = _LEN.unpack(head)
+    if size > MAX_FRAME:
+        raise ProtocolError(f"frame length {size} exceeds the {MAX_FRAME}-byte cap")
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError(f"connection closed inside a {size}-byte frame") from None
+    return decode(body)
+
+
+def decode(body: bytes) -> Frame:
+    """A frame body as a dict with a string type, or ProtocolError."""
+    try:
+        frame = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"undecodable frame: {type(e).__name__}") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("t"), str):
+        raise ProtocolError("frame is not a map with a type field")
+    return frame
+
+
+class Conn:
+    """One framed connection; writes are serialised so concurrent jobs can share it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self._drain = asyncio.Lock()
+        self.closed = False
+
+    async def recv(self) -> Frame | None:
+        return await read_frame(self.reader)
+
+    async def send(self, frame: Frame) -> None:
+        """Write one frame and wait for the buffer to drain (backpressure to the sender)."""
+        if self.closed:
+            raise ConnectionResetError("connection already closed")
+        self.writer.write(encode(frame))
+        await self.drain()
+
+    async def drain(self) -> None:
+        async with self._drain:
+            await self.writer.drain()
+
+    def send_nowait(self, frame: Frame) -> None:
+        """Queue one frame without waiting; for small control frames on teardown paths."""
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(encode(frame))
+
+    def peer(self) -> str:
+        name = self.writer.get_extra_info("peername")
+        if isinstance(name, tuple):
+            return f"{name[0]}:{name[1]}"
+        return str(name or "unix socket")
+
+    async def close(self) -> None:
+        self.closed = True
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def _mac(key: bytes, role: bytes, their_nonce: bytes, my_nonce: bytes) -> bytes:
+    return hmac.new(
+        key, b"gproc-v1|" + role + b"|" + their_nonce + my_nonce, hashlib.sha256
+    ).digest()
+
+
+async def handshake(conn: Conn, key: bytes, role: str, kind: str) -> Frame:
+    """Hello plus mutual HMAC proof; returns the peer's hello. ``role`` is "dial" or "accept".
+
+    ``kind`` says what this end is (for example "slave" or "master") and is carried in the hello
+    so logs can name it. Raises ProtocolError when the peer is not of this cluster.
+    """
+    return await asyncio.wait_for(_handshake(conn, key, role, kind), HANDSHAKE_TIMEOUT)
+
+
+async def _handshake(conn: Conn, key: bytes, role: str, kind: str) -> Frame:
+    mine = secrets.token_bytes(32)
+    await conn.send({"t": "hello", "v": VERSION, "kind": kind, "nonce": mine})
+    hello = await conn.recv()
+    if hello is None or hello.get("t") != "hello":
+        raise ProtocolError("peer did not say hello")
+    if hello.get("v") != VERSION:
+        raise ProtocolError(f"peer speaks protocol version {hello.get('v')!r}, not {VERSION}")
+    theirs = hello.get("nonce")
+    if not isinstance(theirs, bytes) or len(theirs) != 32 or theirs == mine:
+        raise ProtocolError("peer sent a bad nonce")
+    other = b"accept" if role == "dial" else b"dial"
+    await conn.send({"t": "auth", "mac": _mac(key, role.encode(), theirs, mine)})
+    auth = await conn.recv()
+    if auth is None or auth.get("t") != "auth" or not isinstance(auth.get("mac"), bytes):
+        raise ProtocolError("peer did not prove the cluster key")
+    if not hmac.compare_digest(auth["mac"], _mac(key, other, mine, theirs)):
+        raise ProtocolError("peer does not hold the cluster key")
+    return hello
+
+
+def default_key_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "gproc" / "cluster.key"
+
+
+class ClusterKeyError(GprocError):
+    """The cluster key is missing or unreadable; the message says how to make one."""
+
+
+def load_key(path: str | os.PathLike[str] | None) -> bytes:
+    """Read the cluster key; refuse one that others can read."""
+    p = Path(path) if path else default_key_path()
+    try:
+        st = p.stat()
+        data = p.read_bytes().strip()
+    except FileNotFoundError:
+        raise ClusterKeyError(
+            f"no cluster key at {p}: create one with 'gproc k' (or -key PATH) and copy it, "
+            "mode 0600, to every node"
+        ) from None
+    except OSError as e:
+        raise ClusterKeyError(f"cannot read the cluster key {p}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ClusterKeyError(f"cluster key {p} is readable by others: chmod 600 {p}")
+    if len(data) < 16:
+        raise ClusterKeyError(
+            f"cluster key {p} is too short: make a new one with 'gproc k -key {p}'"
+        )
+    return data
+
+
+def create_key(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """Create a fresh random key with mode 0600 unless one exists; returns (path, created)."""
+    p = Path(path) if path else default_key_path()
+    if p.exists():
+        return p, False
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return p, True
