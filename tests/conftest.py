@@ -1,0 +1,110 @@
+"""Local trees of real gproc daemons on loopback, one per test module (or per test when the
+test breaks its tree), each with its own ports, Unix socket, binRoot and cluster key."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gproc.deploy.local import LocalTree, Settings
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base..base+count are all free on loopback right now."""
+    rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        try:
+            for port in range(base, base + count + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports on loopback")
+
+
+@dataclass
+class Tree:
+    """A running local tree and how to talk to it."""
+
+    launcher: LocalTree
+    root: Path
+    nodes: int
+
+    @property
+    def uds(self) -> str:
+        return self.launcher.settings.uds
+
+    @property
+    def bin_root(self) -> Path:
+        return Path(self.launcher.settings.bin_root)
+
+    def switches(self) -> list[str]:
+        s = self.launcher.settings
+        return ["-defaultMasterUDS", s.uds, "-cmdport", str(s.cmdport), "-key", str(s.key),
+                "-binRoot", s.bin_root, "-racksize", str(s.racksize)]
+
+    def gproc(self, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        """Run ``gproc`` against this tree; switches before the mode are added."""
+        return subprocess.run([sys.executable, "-m", "gproc", *self.switches(), *args],
+                              capture_output=True, text=True, timeout=timeout,
+                              cwd=kw.pop("cwd", self.root), **kw)
+
+    def popen(self, *args: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "gproc", *self.switches(), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=self.root, **kw)
+
+    def pid(self, name: str) -> int:
+        pid = self.launcher.pid(name)
+        assert pid is not None, f"{name} is not running"
+        return pid
+
+
+def start_tree(root: Path, nodes: int = 8, racksize: int = 4) -> Tree:
+    root.mkdir(parents=True, exist_ok=True)
+    base = free_port_block(nodes)
+    settings = Settings(cmdport=base, uds=str(root / "master.sock"),
+                        bin_root=str(root / "xproc"), racksize=racksize,
+                        key=str(root / "cluster.key"), debug=1)
+    launcher = LocalTree(settings, state=root / "state")
+    launcher.up(1, nodes, timeout=30, say=lambda _msg: None)
+    return Tree(launcher, root, nodes)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
+    """An 8-node local tree (rack size 4) shared by the tests of one module."""
+    t = start_tree(tmp_path_factory.mktemp("tree"))
+    yield t
+    t.launcher.down()
+
+
+@pytest.fixture
+def own_tree(tmp_path: Path) -> Iterator[Tree]:
+    """An 8-node tree for one test that breaks it (kills a daemon, say)."""
+    t = start_tree(tmp_path / "tree")
+    yield t
+    t.launcher.down()
+
+
+def labelled(stdout: str) -> dict[str, list[str]]:
+    """Lines of labelled output, grouped by node label."""
+    out: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        node, sep, text = line.partition(": ")
+        assert sep, f"unlabelled line {line!r}"
+        out.setdefault(node, []).append(text)
+    return out
+
+
+is_root = os.geteuid() == 0

@@ -1,0 +1,181 @@
+"""End to end on a local tree of 8 real daemons (rack size 4: n4 and n8 are rack masters)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import Tree, is_root, labelled
+
+ALL = [f"n{i}" for i in range(1, 9)]
+
+
+def test_all_nodes_print_labelled_lines(tree: Tree) -> None:
+    r = tree.gproc("e", "./.", "/bin/sh", "-c", 'echo "I am $GPROC_NODE"')
+    assert r.returncode == 0, r.stderr
+    out = labelled(r.stdout)
+    assert sorted(out) == sorted(ALL)
+    for node, lines in out.items():
+        assert lines == [f"I am {node}"]
+
+
+def test_dot_selects_the_rack_masters(tree: Tree) -> None:
+    r = tree.gproc("e", ".", "/bin/echo", "hi")
+    assert r.returncode == 0, r.stderr
+    assert sorted(labelled(r.stdout)) == ["n4", "n8"]
+
+
+def test_rack_master_and_its_children(tree: Tree) -> None:
+    r = tree.gproc("e", "1/.", "/bin/echo", "hi")
+    assert r.returncode == 0, r.stderr
+    assert sorted(labelled(r.stdout)) == ["n1", "n2", "n3", "n4"]
+
+
+def test_sub_specs_pick_children(tree: Tree) -> None:
+    r = tree.gproc("e", "1/2,2/1-2", "/bin/echo", "hi")
+    assert r.returncode == 0, r.stderr
+    assert sorted(labelled(r.stdout)) == ["n2", "n4", "n5", "n6", "n8"]
+
+
+def test_shipped_files_are_visible(tree: Tree) -> None:
+    data = tree.root / "data"
+    data.mkdir(exist_ok=True)
+    (data / "hello.txt").write_text("shipped words\n")
+    r = tree.gproc("-f", str(data), "e", "./.", "/bin/cat", f"{data}/hello.txt")
+    assert r.returncode == 0, r.stderr
+    assert labelled(r.stdout) == {n: ["shipped words"] for n in ALL}
+
+
+def test_program_starts_in_the_recreated_cwd(tree: Tree) -> None:
+    r = tree.gproc("e", "1", "/bin/pwd")
+    assert r.returncode == 0, r.stderr
+    assert labelled(r.stdout) == {"n4": [str(tree.bin_root / "n4") + str(tree.root)]}
+
+
+def test_largest_exit_status_wins(tree: Tree) -> None:
+    r = tree.gproc("e", "./.", "/bin/sh", "-c", '[ "$GPROC_NODE" = n6 ] && exit 3; exit 0')
+    assert r.returncode == 3
+    assert "exit status 3 on n6" in r.stderr
+
+
+def test_signal_gives_128_plus_signal(tree: Tree) -> None:
+    r = tree.gproc("e", "2", "/bin/sh", "-c", "kill -TERM $$")
+    assert r.returncode == 128 + signal.SIGTERM
+
+
+def test_fold_groups_identical_output(tree: Tree) -> None:
+    r = tree.gproc("-b", "e", "./.", "/bin/echo", "same")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "n[1-8]: same\n"
+
+
+def test_raw_output_is_unlabelled(tree: Tree) -> None:
+    r = tree.gproc("-raw", "e", "1/1", "/bin/echo", "plain")
+    assert r.stdout.splitlines() == ["plain", "plain"]
+
+
+def test_missing_program_is_a_clear_error(tree: Tree) -> None:
+    r = tree.gproc("e", "./.", "no-such-program-xyz")
+    assert r.returncode == 1
+    assert "no-such-program-xyz" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_spec_selecting_nothing_live(tree: Tree) -> None:
+    r = tree.gproc("e", "7", "/bin/true")
+    assert r.returncode != 0
+    assert "selects no live node" in r.stderr
+
+
+def test_unreachable_ids_are_reported(tree: Tree) -> None:
+    r = tree.gproc("e", "1-3", "/bin/true")
+    assert r.returncode == 255
+    assert "no live node with id 3 under master" in r.stderr
+
+
+def test_info_shows_the_whole_tree(tree: Tree) -> None:
+    r = tree.gproc("i")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:-1]]
+    assert [row[:2] for row in rows] == [
+        ["-", "master"], ["1", "n4"], ["1/1", "n1"], ["1/2", "n2"], ["1/3", "n3"],
+        ["2", "n8"], ["2/1", "n5"], ["2/2", "n6"], ["2/3", "n7"]]
+    assert all(row[-1] == "up" for row in rows)
+
+
+def leftovers(tree: Tree) -> list[str]:
+    """Every file or directory under any node's binRoot or staging directory."""
+    found = []
+    for top in tree.bin_root.iterdir():
+        for dirpath, dirnames, filenames in os.walk(top):
+            found += [os.path.join(dirpath, n) for n in dirnames + filenames]
+    return found
+
+
+@pytest.mark.skipif(not is_root, reason="private mounts as tested here need root (CI runs as root)")
+def test_private_mount_leaves_nothing(tree: Tree) -> None:
+    stage_files = tree.root / "pfiles"
+    stage_files.mkdir(exist_ok=True)
+    (stage_files / "x").write_text("x")
+    r = tree.gproc("-f", str(stage_files), "e", "./.", "/bin/sh", "-c",
+                   'touch "$PWD/written-by-job" && ls "$PWD"')
+    assert r.returncode == 0, r.stderr
+    assert all(lines == ["pfiles", "written-by-job"] for lines in labelled(r.stdout).values())
+    assert leftovers(tree) == []
+
+
+def test_without_private_mount_files_stay(own_tree: Tree) -> None:
+    r = own_tree.gproc("-p=false", "e", "1", "/bin/true")
+    assert r.returncode == 0, r.stderr
+    kept = own_tree.bin_root / "n4"
+    assert (kept / "bin" / "true").exists() or (kept / "usr" / "bin" / "true").exists()
+    assert (kept / str(own_tree.root).lstrip("/")).is_dir()
+
+
+def test_killed_slave_is_reported_lost(own_tree: Tree) -> None:
+    client = own_tree.popen("e", "./.", "/bin/sh", "-c", "sleep 2; echo finished")
+    time.sleep(1.0)
+    os.kill(own_tree.pid("n6"), signal.SIGKILL)
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 255
+    assert "lost n6" in err
+    finished = labelled(out)
+    assert sorted(finished) == sorted(n for n in ALL if n != "n6")
+
+
+def test_killed_rack_master_loses_its_rack(own_tree: Tree) -> None:
+    client = own_tree.popen("e", "./.", "/bin/sh", "-c", "sleep 2; echo finished")
+    time.sleep(1.0)
+    os.kill(own_tree.pid("n8"), signal.SIGKILL)
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 255
+    assert "lost n[5-8]" in err
+    assert sorted(labelled(out)) == ["n1", "n2", "n3", "n4"]
+    again = own_tree.gproc("e", "1/.", "/bin/echo", "still here")
+    assert again.returncode == 0, again.stderr
+
+
+def sleepers(tag: str) -> list[int]:
+    """Pids of the job's sleep processes (run through the shipped loader)."""
+    r = subprocess.run(["pgrep", "-f", f"ld-linux.*sleep {tag}"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def test_ctrl_c_kills_the_job_everywhere(tree: Tree) -> None:
+    tag = "4242.5"
+    client = tree.popen("e", "./.", "/bin/sleep", tag)
+    deadline = time.monotonic() + 20
+    while len(sleepers(tag)) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(sleepers(tag)) == 8
+    client.send_signal(signal.SIGINT)
+    client.communicate(timeout=10)
+    assert client.returncode == 130
+    deadline = time.monotonic() + 10
+    while sleepers(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sleepers(tag) == []
+    assert tree.gproc("e", "./.", "/bin/true").returncode == 0
