@@ -329,12 +329,16 @@ def _ld_so_conf(
 
     ld.so really reads /etc/ld.so.cache, but ldconfig builds that from these files, and the
     cache of another root may be stale or absent.  Relative includes are relative to the
-    including file's directory; include loops are cut.
+    including file's directory; include loops are cut (files are told apart once resolved).
     """
     seen = set() if seen is None else seen
-    if path in seen or (text := _read_text(root, path)) is None:
+    try:
+        real = _resolve(root, path)
+    except FileNotFoundError:
         return []
-    seen.add(path)
+    if real in seen or (text := _read_text(root, real)) is None:
+        return []
+    seen.add(real)
     dirs: list[str] = []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split()
