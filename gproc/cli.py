@@ -141,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_switches(p)
     p.set_defaults(**DEFAULTS)
     p.add_argument("mode", help=argparse.SUPPRESS)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
@@ -167,9 +166,25 @@ def usage_error(message: str) -> int:
     return 2
 
 
+def split_switches(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """Leading switches (with their values) and what follows them.
+
+    Done by hand because argparse would look for its own switches inside the user's command
+    (``gproc e ./. ls -l``) and stop at an abbreviation it finds ambiguous.
+    """
+    i = 0
+    while i < len(tokens) and tokens[i].startswith("-") and tokens[i] != "-":
+        name = tokens[i].lstrip("-").partition("=")[0]
+        takes_value = "=" not in tokens[i] and name not in BOOLS and not name.startswith("no-")
+        i += 2 if takes_value and name not in ("h", "help") else 1
+    return tokens[:i], tokens[i:]
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    argv = go_style(argv)
-    args = build_parser().parse_args(argv)
+    switches, rest = split_switches(go_style(argv))
+    parser = build_parser()
+    args = parser.parse_args(switches + rest[:1])
+    args.rest = rest[1:]
     mode = MODES.get(args.mode) or (args.mode if args.mode in MODES.values() else None)
     if mode is None:
         raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i or k"))
@@ -183,17 +198,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _parse_exec(args: argparse.Namespace) -> None:
     """Switches may follow ``e``; then come the node spec and the command."""
+    switches, rest = split_switches(go_style(args.rest))
     p = argparse.ArgumentParser(prog="gproc e", allow_abbrev=False, add_help=False)
     add_switches(p, default=argparse.SUPPRESS)
-    p.add_argument("spec")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    try:
-        ns = p.parse_args(args.rest)
-    except SystemExit:
-        raise SystemExit(usage_error("e needs a node spec and a command")) from None
-    vars(args).update(vars(ns))
-    if not args.command:
+    vars(args).update(vars(p.parse_args(switches)))
+    if not rest:
+        raise SystemExit(usage_error("e needs a node spec and a command"))
+    if len(rest) < 2:
         raise SystemExit(usage_error("e needs a command after the node spec"))
+    args.spec, args.command = rest[0], rest[1:]
     try:
         nodespec.parse(args.spec)
     except nodespec.SpecError as e:

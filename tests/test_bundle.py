@@ -1,0 +1,118 @@
+"""Hostile manifests are refused before anything is written, and nothing lands outside the root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from gproc.bundle import BundleError, Packer, Unpacker, check_manifest, chunks, total_size
+
+
+def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
+    e = {"p": path, "k": kind, "m": 0o644, "s": len(data) if kind == "f" else 0,
+         "h": hashlib.sha256(data).digest() if kind == "f" else b"", "l": ""}
+    e.update(kw)
+    return e
+
+
+def unpack(root: Path, raw: list[dict], payload: bytes, total: int | None = None) -> None:
+    entries = check_manifest(raw, len(payload) if total is None else total)
+    u = Unpacker(root, entries, "t1")
+    try:
+        u.feed(payload)
+        if not u.complete:
+            raise BundleError("bundle ended early")
+    finally:
+        u.abort()
+
+
+def files_under(top: Path) -> set[str]:
+    return {str(p.relative_to(top)) for p in top.rglob("*")}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ([entry("../escape", data=b"x")], "climbs out"),
+    ([entry("a/../../escape", data=b"x")], "climbs out"),
+    ([entry("/etc/passwd", data=b"x")], "absolute path"),
+    ([entry("link", "l", l="/etc")], "outside the root"),
+    ([entry("a/link", "l", l="../../etc")], "outside the root"),
+    ([entry("link", "l", l="sub"), entry("link/x", data=b"x")], "through the symlink"),
+    ([entry("dev", "c", data=b"")], "device and special files"),
+    ([entry("f", data=b"x", m=0o100644)], "permission bits"),
+    ([entry("f", data=b"x"), entry("f", data=b"x")], "twice"),
+    ([entry("", data=b"x")], "bad path"),
+])
+def test_hostile_manifests_are_refused(tmp_path: Path, raw: list[dict], message: str) -> None:
+    root = tmp_path / "root"
+    with pytest.raises(BundleError, match=message):
+        unpack(root, raw, b"x" * sum(e["s"] for e in raw))
+    assert not root.exists()
+    assert files_under(tmp_path) == set()
+
+
+def test_size_lie_in_the_total_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="add up"):
+        check_manifest([entry("f", data=b"abc")], 10)
+
+
+def test_more_bytes_than_the_manifest_are_refused(tmp_path: Path) -> None:
+    raw = [entry("f", data=b"abc")]
+    entries = check_manifest(raw, 3)
+    u = Unpacker(tmp_path / "root", entries, "t1")
+    with pytest.raises(BundleError, match="beyond the manifest"):
+        u.feed(b"abcdef")
+
+
+def test_bytes_that_do_not_match_the_hash_are_refused(tmp_path: Path) -> None:
+    raw = [entry("f", data=b"abc")]
+    with pytest.raises(BundleError, match="sha256"):
+        unpack(tmp_path / "root", raw, b"xyz")
+    assert files_under(tmp_path / "root") == set()
+
+
+def test_preplanted_symlink_cannot_redirect_writes(tmp_path: Path) -> None:
+    """A symlink left in binRoot (say by another user) pointing out is not followed."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    os.symlink(outside, root / "lib")
+    with pytest.raises(BundleError, match="outside the root"):
+        unpack(root, [entry("lib/evil.so", data=b"x")], b"x")
+    assert files_under(outside) == set()
+
+
+def test_round_trip_keeps_modes_symlinks_and_contents(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (src / "d" / "tool").chmod(0o755)
+    (src / "d" / "big").write_bytes(os.urandom(700_000))
+    os.symlink("tool", src / "d" / "alias")
+    packer = Packer()
+    packer.add_object("/", str(src / "d" / "alias"))
+    packer.add_host_path(str(src / "d" / "big"))
+    manifest = packer.manifest()
+    root = tmp_path / "root"
+    u = Unpacker(root, check_manifest([e.wire() for e in manifest], total_size(manifest)), "t")
+    for chunk in chunks(manifest):
+        u.feed(chunk)
+    assert u.complete
+    dest = root / str(src).lstrip("/") / "d"
+    assert os.readlink(dest / "alias") == "tool"
+    assert (dest / "tool").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (dest / "tool").stat().st_mode & 0o777 == 0o755
+    assert (dest / "big").read_bytes() == (src / "d" / "big").read_bytes()
+
+
+def test_absolute_symlink_targets_travel_relative(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "real").write_text("r")
+    os.symlink(src / "real", src / "abs")
+    packer = Packer()
+    packer.add_object("/", str(src / "abs"))
+    links = [e for e in packer.manifest() if e.kind == "l"]
+    assert [e.link for e in links] == ["real"]

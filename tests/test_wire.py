@@ -1,0 +1,115 @@
+"""Hostile peers against real daemons: each is refused and the tree keeps serving jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+
+import msgpack
+import pytest
+from conftest import Tree
+
+from gproc.wire import MAX_FRAME, Conn, ProtocolError, encode, handshake, read_frame
+
+
+def run_job(tree: Tree) -> None:
+    r = tree.gproc("e", "./.", "/bin/true")
+    assert r.returncode == 0, r.stderr
+
+
+def master_port(tree: Tree) -> int:
+    return tree.launcher.settings.cmdport
+
+
+def raw_exchange(port: int, payload: bytes, read: bool = True) -> bytes:
+    """Send bytes to a daemon's TCP port and return whatever it sends back before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while read and (chunk := s.recv(65536)):
+            got += chunk
+        return got
+
+
+def test_peer_without_the_key_is_refused(tree: Tree) -> None:
+    async def attempt() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", master_port(tree))
+        conn = Conn(reader, writer)
+        try:
+            await handshake(conn, os.urandom(32), "dial", "slave")
+        finally:
+            await conn.close()
+
+    with pytest.raises(ProtocolError, match="cluster key"):
+        asyncio.run(attempt())
+    run_job(tree)
+    assert "does not hold the cluster key" in (tree.root / "state" / "master.log").read_text()
+
+
+def test_without_the_key_a_peer_cannot_register(tree: Tree) -> None:
+    """Skipping the proof and sending a register frame gets the connection closed."""
+    hello = encode({"t": "hello", "v": 1, "kind": "slave", "nonce": os.urandom(32)})
+    register = encode({"t": "register", "id": 3, "name": "intruder", "addr": "x"})
+    raw_exchange(master_port(tree), hello + register)
+    r = tree.gproc("i")
+    assert "intruder" not in r.stdout
+    run_job(tree)
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00" * 3,                                       # half a length header
+    struct.pack(">I", 100) + b"\x93short",             # half-sent frame
+    struct.pack(">I", MAX_FRAME + 1) + b"x" * 1000,     # oversize length
+    struct.pack(">I", 0xFFFFFFFF),                     # absurd length
+    os.urandom(4096),                                  # garbage
+    struct.pack(">I", 3) + msgpack.packb([1, 2]),      # a frame that is not a map
+])
+def test_bad_bytes_close_only_that_connection(tree: Tree, payload: bytes) -> None:
+    raw_exchange(master_port(tree), payload)
+    raw_exchange(master_port(tree) + 4, payload)  # a rack master's port too
+    run_job(tree)
+
+
+def test_bad_bytes_on_the_unix_socket(tree: Tree) -> None:
+    for payload in (os.urandom(64), struct.pack(">I", MAX_FRAME + 1), encode({"t": "nope"}),
+                    encode({"t": "job", "v": 1, "spec": "./.", "argv": "not a list"})):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(15)
+            s.connect(tree.uds)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+    run_job(tree)
+
+
+def test_unix_socket_is_private(tree: Tree) -> None:
+    assert os.stat(tree.uds).st_mode & 0o777 == 0o600
+
+
+def test_hostile_manifest_is_refused_before_fanout(tree: Tree) -> None:
+    header = {"t": "job", "v": 1, "spec": "./.", "argv": ["/bin/true"], "env": {},
+              "cwd": "/", "mode": "loader", "prog": "/bin/true", "private": True,
+              "manifest": [{"p": "../../etc/passwd", "k": "f", "m": 0o644, "s": 1,
+                            "h": b"\0" * 32, "l": ""}], "total": 1}
+
+    async def send() -> dict:
+        reader, writer = await asyncio.open_unix_connection(tree.uds)
+        writer.write(encode(header))
+        await writer.drain()
+        reply = await read_frame(reader)
+        writer.close()
+        return reply
+
+    reply = asyncio.run(send())
+    assert reply["t"] == "error"
+    assert "climbs out of the root" in reply["message"]
+    run_job(tree)
+
+
+def test_frame_cap_is_enforced_on_send() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        encode({"t": "data", "b": b"x" * (MAX_FRAME + 1)})
