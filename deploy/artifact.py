@@ -1,0 +1,58 @@
+"""The gproc artifact: one zipapp that needs only python3 (and msgpack) on a node.
+
+Built from the code this process imports (a working tree or an installed copy), so the
+container harness and the SSH deployer ship exactly what is being tested. The hash names
+the artifact: a node that already holds the same hash needs no upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import gproc
+import gproc.deploy
+import gproc.locales
+
+MAIN = "import sys\nfrom gproc.cli import main\nsys.exit(main())\n"
+
+
+def _stage(into: Path) -> None:
+    """Lay the three mapped packages out as one ``gproc`` package tree."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(gproc.__file__).parent, into / "gproc", ignore=ignore)
+    for sub, module in (("locales", gproc.locales), ("deploy", gproc.deploy)):
+        shutil.rmtree(into / "gproc" / sub, ignore_errors=True)
+        shutil.copytree(Path(module.__file__).parent, into / "gproc" / sub, ignore=ignore)
+
+
+def build_zipapp(dest: Path) -> tuple[Path, str]:
+    """Write ``dest`` (a .pyz) and return it with its sha256; identical code, identical bytes."""
+    with tempfile.TemporaryDirectory(prefix="gproc-artifact-") as tmp:
+        staged = Path(tmp)
+        _stage(staged)
+        buf = io.BytesIO()
+        buf.write(b"#!/usr/bin/env python3\n")
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            _add(zf, "__main__.py", MAIN.encode())
+            for path in sorted(staged.rglob("*.py")):
+                _add(zf, path.relative_to(staged).as_posix(), path.read_bytes())
+    data = buf.getvalue()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dest = dest.with_suffix(".tmp")
+    tmp_dest.write_bytes(data)
+    tmp_dest.chmod(0o755)
+    tmp_dest.replace(dest)
+    return dest, hashlib.sha256(data).hexdigest()
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """Fixed timestamps and modes: the archive's bytes depend on the code alone."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.external_attr = 0o644 << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    zf.writestr(info, data)
