@@ -20,11 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gproc.locales import LocaleOptions
-from gproc.locales.local import Local
-
 from gproc.client import ClientError, fetch_tree, format_tree, tree_rows
 from gproc.errors import GprocError
+from gproc.locales import LocaleOptions
+from gproc.locales.local import Local
 from gproc.wire import create_key
 
 

@@ -6,6 +6,7 @@ from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+
 from gproc.locales import (
     Host,
     Locale,
