@@ -50,19 +50,39 @@ class Tree:
 
     def switches(self) -> list[str]:
         s = self.launcher.settings
-        return ["-defaultMasterUDS", s.uds, "-cmdport", str(s.cmdport), "-key", str(s.key),
-                "-binRoot", s.bin_root, "-racksize", str(s.racksize)]
+        return [
+            "-defaultMasterUDS",
+            s.uds,
+            "-cmdport",
+            str(s.cmdport),
+            "-key",
+            str(s.key),
+            "-binRoot",
+            s.bin_root,
+            "-racksize",
+            str(s.racksize),
+        ]
 
     def gproc(self, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run ``gproc`` against this tree; switches before the mode are added."""
-        return subprocess.run([sys.executable, "-m", "gproc", *self.switches(), *args],
-                              capture_output=True, text=True, timeout=timeout,
-                              cwd=kw.pop("cwd", self.root), **kw)
+        return subprocess.run(
+            [sys.executable, "-m", "gproc", *self.switches(), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=kw.pop("cwd", self.root),
+            **kw,
+        )
 
     def popen(self, *args: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "gproc", *self.switches(), *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=self.root, **kw)
+        return subprocess.Popen(
+            [sys.executable, "-m", "gproc", *self.switches(), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.root,
+            **kw,
+        )
 
     def pid(self, name: str) -> int:
         pid = self.launcher.pid(name)
@@ -73,9 +93,14 @@ class Tree:
 def start_tree(root: Path, nodes: int = 8, racksize: int = 4) -> Tree:
     root.mkdir(parents=True, exist_ok=True)
     base = free_port_block(nodes)
-    settings = Settings(cmdport=base, uds=str(root / "master.sock"),
-                        bin_root=str(root / "xproc"), racksize=racksize,
-                        key=str(root / "cluster.key"), debug=1)
+    settings = Settings(
+        cmdport=base,
+        uds=str(root / "master.sock"),
+        bin_root=str(root / "xproc"),
+        racksize=racksize,
+        key=str(root / "cluster.key"),
+        debug=1,
+    )
     launcher = LocalTree(settings, state=root / "state")
     launcher.up(1, nodes, timeout=30, say=lambda _msg: None)
     return Tree(launcher, root, nodes)

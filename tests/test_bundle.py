@@ -12,8 +12,14 @@ from gproc.bundle import BundleError, Packer, Unpacker, check_manifest, chunks, 
 
 
 def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
-    e = {"p": path, "k": kind, "m": 0o644, "s": len(data) if kind == "f" else 0,
-         "h": hashlib.sha256(data).digest() if kind == "f" else b"", "l": ""}
+    e = {
+        "p": path,
+        "k": kind,
+        "m": 0o644,
+        "s": len(data) if kind == "f" else 0,
+        "h": hashlib.sha256(data).digest() if kind == "f" else b"",
+        "l": "",
+    }
     e.update(kw)
     return e
 
@@ -33,18 +39,21 @@ def files_under(top: Path) -> set[str]:
     return {str(p.relative_to(top)) for p in top.rglob("*")}
 
 
-@pytest.mark.parametrize("raw, message", [
-    ([entry("../escape", data=b"x")], "climbs out"),
-    ([entry("a/../../escape", data=b"x")], "climbs out"),
-    ([entry("/etc/passwd", data=b"x")], "absolute path"),
-    ([entry("link", "l", l="/etc")], "outside the root"),
-    ([entry("a/link", "l", l="../../etc")], "outside the root"),
-    ([entry("link", "l", l="sub"), entry("link/x", data=b"x")], "through the symlink"),
-    ([entry("dev", "c", data=b"")], "device and special files"),
-    ([entry("f", data=b"x", m=0o100644)], "permission bits"),
-    ([entry("f", data=b"x"), entry("f", data=b"x")], "twice"),
-    ([entry("", data=b"x")], "bad path"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ([entry("../escape", data=b"x")], "climbs out"),
+        ([entry("a/../../escape", data=b"x")], "climbs out"),
+        ([entry("/etc/passwd", data=b"x")], "absolute path"),
+        ([entry("link", "l", l="/etc")], "outside the root"),
+        ([entry("a/link", "l", l="../../etc")], "outside the root"),
+        ([entry("link", "l", l="sub"), entry("link/x", data=b"x")], "through the symlink"),
+        ([entry("dev", "c", data=b"")], "device and special files"),
+        ([entry("f", data=b"x", m=0o100644)], "permission bits"),
+        ([entry("f", data=b"x"), entry("f", data=b"x")], "twice"),
+        ([entry("", data=b"x")], "bad path"),
+    ],
+)
 def test_hostile_manifests_are_refused(tmp_path: Path, raw: list[dict], message: str) -> None:
     root = tmp_path / "root"
     with pytest.raises(BundleError, match=message):

@@ -11,29 +11,44 @@ from gproc.cli import parse
 
 
 def gproc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gproc", *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "gproc", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_help_explains_modes_and_switches() -> None:
     r = gproc("--help")
     assert r.returncode == 0
-    for word in ("master", "slave", "exec", "info", "-localbin", "-binRoot",
-                 "-defaultMasterUDS", "-locale", "-cmdport", "-parent", "-debug"):
+    for word in (
+        "master",
+        "slave",
+        "exec",
+        "info",
+        "-localbin",
+        "-binRoot",
+        "-defaultMasterUDS",
+        "-locale",
+        "-cmdport",
+        "-parent",
+        "-debug",
+    ):
         assert word in r.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "required"),
-    (["x"], "unknown mode"),
-    (["e"], "node spec"),
-    (["e", "./."], "command"),
-    (["e", "5-2", "/bin/true"], "bad node spec '5-2' at position 0"),
-    (["e", "1//2", "/bin/true"], "bad node spec '1//2' at position 2"),
-    (["-p=maybe", "e", ".", "/bin/true"], "true or false"),
-    (["-cmdport", "x", "m"], "invalid int"),
-    (["i", "extra"], "takes no arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["x"], "unknown mode"),
+        (["e"], "node spec"),
+        (["e", "./."], "command"),
+        (["e", "5-2", "/bin/true"], "bad node spec '5-2' at position 0"),
+        (["e", "1//2", "/bin/true"], "bad node spec '1//2' at position 2"),
+        (["-p=maybe", "e", ".", "/bin/true"], "true or false"),
+        (["-cmdport", "x", "m"], "invalid int"),
+        (["i", "extra"], "takes no arguments"),
+    ],
+)
 def test_misuse_prints_usage_and_exits_2(argv: list[str], message: str) -> None:
     r = gproc(*argv)
     assert r.returncode == 2
@@ -45,7 +60,13 @@ def test_misuse_prints_usage_and_exits_2(argv: list[str], message: str) -> None:
 def test_go_style_switches() -> None:
     a = parse(["-locale=kane", "-cmdport", "7000", "-p=false", "-f=a,b", "e", "./.", "date"])
     assert (a.locale, a.cmdport, a.p, a.f, a.spec, a.command) == (
-        "kane", 7000, False, "a,b", "./.", ["date"])
+        "kane",
+        7000,
+        False,
+        "a,b",
+        "./.",
+        ["date"],
+    )
     b = parse(["-locale", "kf", "-p", "s"])
     assert (b.locale, b.p, b.mode) == ("kf", True, "slave")
     assert parse(["i"]).p is True

@@ -11,8 +11,13 @@ from conftest import free_port_block
 
 
 def deploy(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gproc.deploy.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gproc.deploy.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def daemons(port: int) -> list[str]:
@@ -22,11 +27,20 @@ def daemons(port: int) -> list[str]:
 
 def test_up_status_down_twice(tmp_path: Path) -> None:
     port = free_port_block(8)
-    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"),
-               XDG_CONFIG_HOME=str(tmp_path / "config"))
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
     common = ["--locale", "local", "--cmdport", str(port)]
-    up = ["up", "1", "8", *common, "--uds", str(tmp_path / "g"),
-          "--bin-root", str(tmp_path / "xproc")]
+    up = [
+        "up",
+        "1",
+        "8",
+        *common,
+        "--uds",
+        str(tmp_path / "g"),
+        "--bin-root",
+        str(tmp_path / "xproc"),
+    ]
     for _ in range(2):
         r = deploy(env, *up)
         assert r.returncode == 0, r.stderr

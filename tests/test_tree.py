@@ -101,8 +101,16 @@ def test_info_shows_the_whole_tree(tree: Tree) -> None:
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines()[1:-1]]
     assert [row[:2] for row in rows] == [
-        ["-", "master"], ["1", "n4"], ["1/1", "n1"], ["1/2", "n2"], ["1/3", "n3"],
-        ["2", "n8"], ["2/1", "n5"], ["2/2", "n6"], ["2/3", "n7"]]
+        ["-", "master"],
+        ["1", "n4"],
+        ["1/1", "n1"],
+        ["1/2", "n2"],
+        ["1/3", "n3"],
+        ["2", "n8"],
+        ["2/1", "n5"],
+        ["2/2", "n6"],
+        ["2/3", "n7"],
+    ]
     assert all(row[-1] == "up" for row in rows)
 
 
@@ -120,8 +128,15 @@ def test_private_mount_leaves_nothing(tree: Tree) -> None:
     stage_files = tree.root / "pfiles"
     stage_files.mkdir(exist_ok=True)
     (stage_files / "x").write_text("x")
-    r = tree.gproc("-f", str(stage_files), "e", "./.", "/bin/sh", "-c",
-                   'touch "$PWD/written-by-job" && ls "$PWD"')
+    r = tree.gproc(
+        "-f",
+        str(stage_files),
+        "e",
+        "./.",
+        "/bin/sh",
+        "-c",
+        'touch "$PWD/written-by-job" && ls "$PWD"',
+    )
     assert r.returncode == 0, r.stderr
     assert all(lines == ["pfiles", "written-by-job"] for lines in labelled(r.stdout).values())
     assert leftovers(tree) == []

@@ -59,14 +59,17 @@ def test_without_the_key_a_peer_cannot_register(tree: Tree) -> None:
     run_job(tree)
 
 
-@pytest.mark.parametrize("payload", [
-    b"\x00" * 3,                                       # half a length header
-    struct.pack(">I", 100) + b"\x93short",             # half-sent frame
-    struct.pack(">I", MAX_FRAME + 1) + b"x" * 1000,     # oversize length
-    struct.pack(">I", 0xFFFFFFFF),                     # absurd length
-    os.urandom(4096),                                  # garbage
-    struct.pack(">I", 3) + msgpack.packb([1, 2]),      # a frame that is not a map
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00" * 3,  # half a length header
+        struct.pack(">I", 100) + b"\x93short",  # half-sent frame
+        struct.pack(">I", MAX_FRAME + 1) + b"x" * 1000,  # oversize length
+        struct.pack(">I", 0xFFFFFFFF),  # absurd length
+        os.urandom(4096),  # garbage
+        struct.pack(">I", 3) + msgpack.packb([1, 2]),  # a frame that is not a map
+    ],
+)
 def test_bad_bytes_close_only_that_connection(tree: Tree, payload: bytes) -> None:
     raw_exchange(master_port(tree), payload)
     raw_exchange(master_port(tree) + 4, payload)  # a rack master's port too
@@ -74,8 +77,12 @@ def test_bad_bytes_close_only_that_connection(tree: Tree, payload: bytes) -> Non
 
 
 def test_bad_bytes_on_the_unix_socket(tree: Tree) -> None:
-    for payload in (os.urandom(64), struct.pack(">I", MAX_FRAME + 1), encode({"t": "nope"}),
-                    encode({"t": "job", "v": 1, "spec": "./.", "argv": "not a list"})):
+    for payload in (
+        os.urandom(64),
+        struct.pack(">I", MAX_FRAME + 1),
+        encode({"t": "nope"}),
+        encode({"t": "job", "v": 1, "spec": "./.", "argv": "not a list"}),
+    ):
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(15)
             s.connect(tree.uds)
@@ -91,10 +98,21 @@ def test_unix_socket_is_private(tree: Tree) -> None:
 
 
 def test_hostile_manifest_is_refused_before_fanout(tree: Tree) -> None:
-    header = {"t": "job", "v": 1, "spec": "./.", "argv": ["/bin/true"], "env": {},
-              "cwd": "/", "mode": "loader", "prog": "/bin/true", "private": True,
-              "manifest": [{"p": "../../etc/passwd", "k": "f", "m": 0o644, "s": 1,
-                            "h": b"\0" * 32, "l": ""}], "total": 1}
+    header = {
+        "t": "job",
+        "v": 1,
+        "spec": "./.",
+        "argv": ["/bin/true"],
+        "env": {},
+        "cwd": "/",
+        "mode": "loader",
+        "prog": "/bin/true",
+        "private": True,
+        "manifest": [
+            {"p": "../../etc/passwd", "k": "f", "m": 0o644, "s": 1, "h": b"\0" * 32, "l": ""}
+        ],
+        "total": 1,
+    }
 
     async def send() -> dict:
         reader, writer = await asyncio.open_unix_connection(tree.uds)
