@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gproc.cache import BlobCache
 from gproc.errors import GprocError
 from gproc.wire import CHUNK
 
@@ -136,25 +137,18 @@ def total_size(manifest: Iterable[Entry]) -> int:
     return sum(e.size for e in manifest if e.kind == "f")
 
 
-def chunks(manifest: Iterable[Entry]) -> Iterator[bytes]:
-    """The file bytes of a manifest, concatenated, in chunks of at most CHUNK bytes."""
-    buf = bytearray()
-    for e in manifest:
-        if e.kind != "f":
-            continue
+def chunks(manifest: list[Entry], needed: Iterable[int]) -> Iterator[tuple[int, bytes]]:
+    """(manifest index, bytes) of the needed files, in order, at most CHUNK bytes at a time."""
+    for i in sorted(needed):
+        e = manifest[i]
         with open(e.src, "rb") as f:
             left = e.size
             while left > 0:
-                block = f.read(min(CHUNK - len(buf), left))
+                block = f.read(min(CHUNK, left))
                 if not block:
                     raise BundleError(f"{e.src} shrank while it was being sent")
                 left -= len(block)
-                buf += block
-                if len(buf) == CHUNK:
-                    yield bytes(buf)
-                    buf.clear()
-    if buf:
-        yield bytes(buf)
+                yield i, block
 
 
 # ---------------------------------------------------------------- checking (node)
@@ -234,19 +228,20 @@ def _check_link(e: Entry) -> None:
 
 
 class Unpacker:
-    """Writes a checked manifest under ``root`` as its bytes arrive.
+    """Writes a checked manifest under ``root``: cached files at once, the rest as they arrive.
 
     ``root`` may already hold files of earlier jobs (``-p=false``); files are written to a
     temporary name and renamed into place so a binary another job runs is never rewritten in
-    place, and every directory on the way is checked to resolve inside ``root``.
+    place, and every directory on the way is checked to resolve inside ``root``. Bytes arrive
+    file by file, in manifest order, for the files in :attr:`needed` only.
     """
 
-    def __init__(self, root: Path, entries: list[Entry], tag: str):
+    def __init__(self, root: Path, entries: list[Entry], tag: str, cache: BlobCache | None = None):
         self.root = root
         self.real_root = os.path.realpath(root)
         self.tag = tag
-        self.files = [e for e in entries if e.kind == "f"]
-        self.index = 0
+        self.entries = entries
+        self.cache = cache
         self.current: _Incoming | None = None
         root.mkdir(parents=True, exist_ok=True)
         for e in entries:
@@ -255,39 +250,48 @@ class Unpacker:
         for e in entries:
             if e.kind == "l":
                 self._symlink(e)
-        self._advance()
+        self.needed = [i for i, e in enumerate(entries) if e.kind == "f" and not self._early(e)]
+        self.pos = 0
 
     @property
     def complete(self) -> bool:
-        return self.index >= len(self.files) and self.current is None
+        return self.pos >= len(self.needed)
 
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self.current is None:
-                raise BundleError(f"{len(view)} bytes arrived beyond the manifest")
-            used = self.current.write(view)
-            view = view[used:]
-            if self.current.left == 0:
-                self.current.finish()
-                self.current = None
-                self.index += 1
-                self._advance()
+    def feed(self, index: int, data: bytes) -> None:
+        """Bytes of manifest entry ``index``; a file's frames come in order, files in order."""
+        if self.complete or self.needed[self.pos] != index:
+            raise BundleError(f"bytes for manifest entry {index} arrived out of turn")
+        entry = self.entries[index]
+        if self.current is None:
+            self.current = _Incoming(self._host(entry.path), entry, self.tag)
+        if self.current.write(memoryview(data)) < len(data):
+            raise BundleError(f"{entry.path}: more bytes arrived than its {entry.size}")
+        if self.current.left == 0:
+            self.current.finish()
+            if self.cache is not None:
+                self.cache.add(self.current.host, entry.sha256)
+            self.current = None
+            self.pos += 1
 
     def abort(self) -> None:
         if self.current is not None:
             self.current.discard()
             self.current = None
 
-    def _advance(self) -> None:
-        while self.index < len(self.files):
-            e = self.files[self.index]
-            self.current = _Incoming(self._host(e.path), e, self.tag)
-            if e.size:
-                return
-            self.current.finish()
-            self.current = None
-            self.index += 1
+    def _early(self, e: Entry) -> bool:
+        """Write an empty or cached file now; False when its bytes must be shipped."""
+        host = self._host(e.path)
+        if e.size == 0:
+            _Incoming(host, e, self.tag).finish()
+            return True
+        if self.cache is None:
+            return False
+        tmp = f"{host}.gproc-{self.tag}"
+        if not self.cache.copy_out(e.sha256, tmp):
+            return False
+        os.chmod(tmp, e.mode & 0o1777)
+        os.replace(tmp, host)
+        return True
 
     def _host(self, path: str) -> str:
         """Host path for ``path``, after making sure its directory is inside the root."""

@@ -101,6 +101,13 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
         type=int,
         metavar="N",
     )
+    add(
+        "cacheMB",
+        "s: MiB of shipped files a node keeps, by content hash, so the same program is not "
+        "shipped again (default 512; 0 turns the cache off)",
+        type=int,
+        metavar="MIB",
+    )
     add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
@@ -123,6 +130,7 @@ DEFAULTS = {
     "myId": None,
     "racksize": None,
     "key": None,
+    "cacheMB": 512,
     "raw": False,
     "b": False,
     "ldenv": False,

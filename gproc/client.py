@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from gproc import nodespec
-from gproc.bundle import Packer, chunks, total_size
+from gproc.bundle import Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.output import Printer
 from gproc.relay import Tree
@@ -40,7 +40,7 @@ class ExecOptions:
     fold: bool = False
 
 
-def build_job(opts: ExecOptions) -> tuple[Frame, Packer]:
+def build_job(opts: ExecOptions) -> tuple[Frame, list[Entry]]:
     """The job header and the packed files, from the user's command line."""
     from gproc import elf
 
@@ -80,7 +80,7 @@ def build_job(opts: ExecOptions) -> tuple[Frame, Packer]:
     packer.add_dir(header["cwd"])
     manifest = packer.manifest()
     header.update(manifest=[e.wire() for e in manifest], total=total_size(manifest))
-    return header, packer
+    return header, manifest
 
 
 def _loader_takes_argv0(root: str, interp: str | None) -> bool:
@@ -109,45 +109,53 @@ async def connect(uds: str) -> Conn:
 
 
 async def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
-    header, packer = build_job(opts)
+    header, manifest = build_job(opts)
     printer = printer or Printer(raw=opts.raw, folded=opts.fold)
     conn = await connect(opts.uds)
+    sender: asyncio.Future[None] | None = None
     try:
         await conn.send(header)
-        reply = await conn.recv()
-        if reply is None:
-            raise ClientError("the master closed the connection without an answer")
-        if reply["t"] == "error":
-            raise ClientError(str(reply.get("message")))
-        printer.planned = list(reply.get("nodes", []))
-        printer.unreachable = list(reply.get("unreachable", []))
-        sender = asyncio.ensure_future(_send_files(conn, packer))
-        await _receive(conn, printer)
-        await sender
+        while (frame := await conn.recv()) is not None:
+            kind = frame["t"]
+            if kind == "plan":
+                printer.planned = list(frame.get("nodes", []))
+                printer.unreachable = list(frame.get("unreachable", []))
+                need = frame.get("need", [])
+                sender = asyncio.ensure_future(_send_files(conn, manifest, need))
+            elif kind == "error":
+                raise ClientError(str(frame.get("message")))
+            elif kind == "done":
+                break
+            else:
+                _show(printer, frame)
+        else:
+            raise ClientError("the master went away before the job ended")
+        if sender is not None:
+            await sender
     finally:
+        if sender is not None and not sender.done():
+            sender.cancel()
         await conn.close()
     return printer.finish()
 
 
-async def _send_files(conn: Conn, packer: Packer) -> None:
-    for chunk in chunks(packer.manifest()):
-        await conn.send({"t": "data", "b": chunk})
+async def _send_files(conn: Conn, manifest: list[Entry], needed: list[int]) -> None:
+    """Send the bytes of the files some node lacks (the others are in the nodes' caches)."""
+    for index, chunk in chunks(manifest, needed):
+        await conn.send({"t": "data", "f": index, "b": chunk})
 
 
-async def _receive(conn: Conn, printer: Printer) -> None:
-    while (frame := await conn.recv()) is not None:
-        kind = frame["t"]
-        if kind == "out":
-            printer.output(frame["node"], frame["fd"], frame["b"])
-        elif kind == "exit":
-            printer.exited(frame["node"], frame["status"])
-        elif kind == "lost":
-            printer.node_lost(frame["nodes"], frame.get("reason", "lost"))
-        elif kind == "done":
-            return
-        else:
-            raise ProtocolError(f"unexpected {kind!r} frame from the master")
-    raise ClientError("the master went away before the job ended")
+def _show(printer: Printer, frame: Frame) -> None:
+    """Output, exits and losses, as they arrive (nodes with every file cached start early)."""
+    kind = frame["t"]
+    if kind == "out":
+        printer.output(frame["node"], frame["fd"], frame["b"])
+    elif kind == "exit":
+        printer.exited(frame["node"], frame["status"])
+    elif kind == "lost":
+        printer.node_lost(frame["nodes"], frame.get("reason", "lost"))
+    else:
+        raise ProtocolError(f"unexpected {kind!r} frame from the master")
 
 
 async def fetch_tree(uds: str) -> Tree:

@@ -69,8 +69,9 @@ def do_slave(args: argparse.Namespace) -> int:
     from gproc.slave import NodeConfig, Slave
 
     place = locale_for(args).place()
+    node = NodeConfig(place.name, place.bin_root, max(args.cacheMB, 0) << 20)
     slave = Slave(
-        NodeConfig(place.name, place.bin_root),
+        node,
         place.node_id,
         place.listen,
         place.parent,

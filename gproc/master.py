@@ -17,12 +17,14 @@ import os
 import socket
 
 from gproc import nodespec
-from gproc.bundle import BundleError, check_manifest
+from gproc.bundle import BundleError, Entry, check_manifest
 from gproc.errors import GprocError
 from gproc.relay import Hop, Job, Tree, check_header, expand, unreachable
 from gproc.wire import VERSION, Conn, Frame, ProtocolError
 
 log = logging.getLogger("gproc.master")
+
+Checked = tuple[nodespec.Spec, list[Entry], list[str], list[str]]
 
 CLIENT_HELLO_TIMEOUT = 30
 
@@ -103,58 +105,57 @@ class Master:
             await conn.close()
 
     async def _job(self, conn: Conn, header: Frame) -> None:
-        plan = await self._plan(conn, header)
-        if plan is None:
+        checked = await self._check(conn, header)
+        if checked is None:
             return
-        spec, total = plan
+        spec, entries, nodes, missing = checked
         job = await self.hop.start_job(header, conn, None, spec)
-        log.info("job %s: %s on %s (%d bytes)", job.jid, header["argv"][0], header["spec"], total)
+        log.info("job %s: %s on %s", job.jid, header["argv"][0], header["spec"])
         try:
-            await self._stream(conn, job, total)
+            need = await job.needs()
+            await conn.send(
+                {"t": "plan", "nodes": nodes, "unreachable": missing, "need": sorted(need)}
+            )
+            await self._stream(conn, job, sum(entries[i].size for i in need))
             await self._await_end(conn, job)
         finally:
             if not job.finished.is_set():
                 log.warning("job %s: client went away; killing it everywhere", job.jid)
                 await job.kill()
 
-    async def _plan(self, conn: Conn, header: Frame) -> tuple[nodespec.Spec, int] | None:
-        """Check the header and send the plan; None (after telling the client) to refuse."""
+    async def _check(self, conn: Conn, header: Frame) -> Checked | None:
+        """Check the header against the tree; None (after telling the client) to refuse."""
         try:
             check_header(header)
             spec = nodespec.parse(header["spec"])
-            check_manifest(header.get("manifest"), header.get("total"))
+            entries = check_manifest(header.get("manifest"), header.get("total"))
         except (nodespec.SpecError, BundleError, ValueError) as e:
             await conn.send({"t": "error", "message": str(e)})
             return None
         trees = self.hop.subtrees()
         nodes, missing = expand(spec, trees), unreachable(spec, trees, self.name)
         if not nodes:
-            await conn.send(
-                {
-                    "t": "error",
-                    "message": f"node spec {header['spec']!r} selects no"
-                    " live node (see 'gproc i' for the tree)",
-                    "unreachable": missing,
-                }
+            message = (
+                f"node spec {header['spec']!r} selects no live node (see 'gproc i' for the tree)"
             )
+            await conn.send({"t": "error", "message": message, "unreachable": missing})
             return None
-        await conn.send({"t": "plan", "nodes": nodes, "unreachable": missing})
-        return spec, header["total"]
+        return spec, entries, nodes, missing
 
     async def _stream(self, conn: Conn, job: Job, total: int) -> None:
-        """Relay the client's file chunks to the job's children as they arrive."""
+        """Relay the client's file chunks (of the needed files) to the job's children."""
         received = 0
         while received < total:
             frame = await conn.recv()
             if frame is None:
                 raise ConnectionResetError("client closed before sending every file byte")
-            data = frame.get("b")
-            if frame["t"] != "data" or not isinstance(data, bytes):
+            index, data = frame.get("f"), frame.get("b")
+            if frame["t"] != "data" or not isinstance(data, bytes) or not isinstance(index, int):
                 raise ProtocolError(f"expected file data, got a {frame['t']!r} frame")
             received += len(data)
             if received > total:
-                raise ProtocolError(f"client sent more than the announced {total} bytes")
-            await job.feed(data)
+                raise ProtocolError(f"client sent more than the {total} bytes asked for")
+            await job.feed(index, data)
 
     async def _await_end(self, conn: Conn, job: Job) -> None:
         """Wait for the job to end, or for the client to go away (which kills it)."""

@@ -74,6 +74,7 @@ class Leg:
         self.spec = spec
         self.reported: set[str] = set()
         self.done = False
+        self.need: asyncio.Future[set[int]] = asyncio.get_running_loop().create_future()
 
     def outstanding(self) -> list[str]:
         """Nodes of this leg that have neither exited nor been reported lost."""
@@ -107,16 +108,27 @@ class Job:
             except (ConnectionError, RuntimeError) as e:
                 await self.leg_lost(leg, f"cannot send to {child.name}: {e}")
 
-    async def feed(self, data: bytes) -> None:
-        """Forward one chunk to every open leg (all writes first, then wait for all)."""
-        raw = encode({"t": "data", "job": self.jid, "b": data})
-        open_legs = [leg for leg in self.legs.values() if not leg.done]
-        for leg in open_legs:
+    async def needs(self) -> set[int]:
+        """Manifest entries some node below (or this one) still needs the bytes of."""
+        wanted = set(self.local.needed) if self.local is not None else set()
+        for leg in list(self.legs.values()):
+            wanted |= await leg.need
+        return wanted
+
+    async def feed(self, index: int, data: bytes) -> None:
+        """Forward one chunk to the legs that need its file (all writes, then wait for all)."""
+        raw = encode({"t": "data", "job": self.jid, "f": index, "b": data})
+        legs = [
+            leg
+            for leg in self.legs.values()
+            if not leg.done and leg.need.done() and index in leg.need.result()
+        ]
+        for leg in legs:
             if not leg.child.conn.closed:
                 leg.child.conn.writer.write(raw)
-        if self.local is not None:
-            self.local.feed(data)
-        await asyncio.gather(*(leg.child.conn.drain() for leg in open_legs), return_exceptions=True)
+        if self.local is not None and index in self.local.needed:
+            self.local.feed(index, data)
+        await asyncio.gather(*(leg.child.conn.drain() for leg in legs), return_exceptions=True)
 
     async def from_child(self, child: Child, frame: Frame) -> None:
         """Pass a child's frame upward, keeping account of who has reported."""
@@ -128,17 +140,29 @@ class Job:
             leg.reported.add(frame["node"])
         elif kind == "lost" and isinstance(frame.get("nodes"), list):
             leg.reported.update(n for n in frame["nodes"] if isinstance(n, str))
+        if kind == "need":
+            files = frame.get("files")
+            if not leg.need.done() and isinstance(files, list):
+                leg.need.set_result({i for i in files if isinstance(i, int)})
+            return
         if kind == "done":
-            leg.done = True
+            self._close_leg(leg)
             self.maybe_finish()
             return
         if kind in ("out", "exit", "lost"):
             await self.send_up(frame)
 
+    @staticmethod
+    def _close_leg(leg: Leg) -> None:
+        """No more frames will come through this leg: it needs nothing more, either."""
+        leg.done = True
+        if not leg.need.done():
+            leg.need.set_result(set())
+
     async def leg_lost(self, leg: Leg, reason: str) -> None:
         if leg.done:
             return
-        leg.done = True
+        self._close_leg(leg)
         nodes = leg.outstanding()
         leg.reported.update(nodes)
         log.warning("job %s: lost %s (%s)", self.jid, ",".join(nodes), reason)
@@ -168,7 +192,7 @@ class Job:
         for leg in self.legs.values():
             if not leg.done:
                 leg.child.conn.send_nowait({"t": "kill", "job": self.jid})
-                leg.done = True
+                self._close_leg(leg)
         if self.local is not None:
             await self.local.kill()
         self.maybe_finish()
@@ -178,8 +202,9 @@ class LocalRunner:
     """Runs the job on this node: what a slave plugs into its hop (see gproc.slave)."""
 
     done: bool = False
+    needed: frozenset[int] = frozenset()
 
-    def feed(self, data: bytes) -> None:  # pragma: no cover - interface
+    def feed(self, index: int, data: bytes) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     async def kill(self) -> None:  # pragma: no cover - interface
@@ -275,7 +300,7 @@ class Hop:
             if kind == "tree" and isinstance(frame.get("children"), list):
                 child.below = frame["children"]
                 self._changed()
-            elif kind in ("out", "exit", "lost", "done"):
+            elif kind in ("out", "exit", "lost", "done", "need"):
                 job = child.jobs.get(frame.get("job"))
                 if job is not None:
                     await job.from_child(child, frame)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gproc import nodespec, sandbox
 from gproc.bundle import BundleError, Unpacker, check_manifest
+from gproc.cache import BlobCache
 from gproc.relay import Hop, Job, LocalRunner, check_header
 from gproc.wire import Conn, Frame, ProtocolError, handshake
 
@@ -30,14 +31,23 @@ RETRY_SECONDS = 0.5
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """What a slave needs to run jobs: its name, binRoot and where staging lives."""
+    """What a slave needs to run jobs: its name, binRoot, and the cache size (0: no cache).
+
+    Staging (the per-job roots mounted over binRoot) and the cache of shipped files live
+    beside binRoot, not in it, so nothing of them shows through binRoot.
+    """
 
     name: str
     bin_root: str
+    cache_bytes: int = 512 << 20
 
     @property
     def stage_root(self) -> str:
         return self.bin_root.rstrip("/") + ".stage"
+
+    @property
+    def cache_root(self) -> str:
+        return self.bin_root.rstrip("/") + ".cache"
 
 
 def program_argv(header: Frame, root: str) -> list[str]:
@@ -70,7 +80,14 @@ def program_env(header: Frame, root: str, node: str, jid: str) -> dict[str, str]
 class NodeRun(LocalRunner):
     """This node's share of a job: unpack as chunks arrive, then run and report."""
 
-    def __init__(self, node: NodeConfig, header: Frame, jid: str, problem: str | None = None):
+    def __init__(
+        self,
+        node: NodeConfig,
+        header: Frame,
+        jid: str,
+        problem: str | None = None,
+        cache: BlobCache | None = None,
+    ):
         self.node = node
         self.header = header
         self.jid = jid
@@ -85,7 +102,8 @@ class NodeRun(LocalRunner):
             return
         try:
             entries = check_manifest(header.get("manifest"), header.get("total"))
-            self.unpacker = Unpacker(Path(self.files_root), entries, jid)
+            self.unpacker = Unpacker(Path(self.files_root), entries, jid, cache)
+            self.needed = frozenset(self.unpacker.needed)
         except (BundleError, OSError) as e:
             self.error = f"bundle refused: {e}"
 
@@ -94,11 +112,11 @@ class NodeRun(LocalRunner):
         if self.error or (self.unpacker is not None and self.unpacker.complete):
             self._launch()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, index: int, data: bytes) -> None:
         if self.error or self.unpacker is None or self.task is not None:
             return
         try:
-            self.unpacker.feed(data)
+            self.unpacker.feed(index, data)
         except (BundleError, OSError) as e:
             self.error = f"bundle refused: {e}"
             self.unpacker.abort()
@@ -248,6 +266,8 @@ class Slave:
         self.key = key
         self.hop = Hop(node.name, node_id, key, on_tree_change=self._tree_changed)
         self.up: Conn | None = None
+        self.cache: BlobCache | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def _tree_changed(self) -> None:
         if self.up is not None:
@@ -256,6 +276,8 @@ class Slave:
     async def run(self) -> None:
         """Serve children, join the parent, relay jobs until the parent goes away."""
         os.makedirs(self.node.stage_root, exist_ok=True)
+        if self.node.cache_bytes > 0:
+            self.cache = BlobCache(Path(self.node.cache_root), self.node.cache_bytes)
         await self.hop.serve(*self.listen)
         log.info("%s: serving children on %s:%d", self.node.name, *self.listen)
         conn = await dial_parent(*self.parent, self.key, self.node.name)
@@ -283,8 +305,8 @@ class Slave:
             kind, jid = frame["t"], frame.get("job")
             if kind == "job" and isinstance(jid, str):
                 await self._start(frame, jid, conn)
-            elif kind == "data" and jid in self.hop.jobs and isinstance(frame.get("b"), bytes):
-                await self.hop.jobs[jid].feed(frame["b"])
+            elif kind == "data" and jid in self.hop.jobs and _is_chunk(frame):
+                await self.hop.jobs[jid].feed(frame["f"], frame["b"])
             elif kind == "kill" and jid in self.hop.jobs:
                 await self.hop.jobs[jid].kill()
             elif kind not in ("data", "kill"):
@@ -298,6 +320,19 @@ class Slave:
             spec = nodespec.parse(header["spec"]) if header["spec"] else ()
         except (nodespec.SpecError, KeyError, TypeError, ValueError) as e:
             spec, problem = (), f"bad job header: {e}"
-        run = NodeRun(self.node, header, jid, problem)
+        run = NodeRun(self.node, header, jid, problem, self.cache)
         job = await self.hop.start_job(header, conn, run, spec, jid=jid)
         run.attach(job)
+        task = asyncio.get_running_loop().create_task(self._report_needs(job, conn))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _report_needs(job: Job, conn: Conn) -> None:
+        """Tell the parent which files this subtree lacks, once every child has said so."""
+        files = await job.needs()
+        conn.send_nowait({"t": "need", "job": job.jid, "files": sorted(files)})
+
+
+def _is_chunk(frame: Frame) -> bool:
+    return isinstance(frame.get("f"), int) and isinstance(frame.get("b"), bytes)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gproc.bundle import BundleError, Packer, Unpacker, check_manifest, chunks, total_size
+from gproc.cache import BlobCache
 
 
 def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
@@ -28,7 +29,9 @@ def unpack(root: Path, raw: list[dict], payload: bytes, total: int | None = None
     entries = check_manifest(raw, len(payload) if total is None else total)
     u = Unpacker(root, entries, "t1")
     try:
-        u.feed(payload)
+        for i in u.needed:
+            u.feed(i, payload[: entries[i].size])
+            payload = payload[entries[i].size :]
         if not u.complete:
             raise BundleError("bundle ended early")
     finally:
@@ -71,8 +74,15 @@ def test_more_bytes_than_the_manifest_are_refused(tmp_path: Path) -> None:
     raw = [entry("f", data=b"abc")]
     entries = check_manifest(raw, 3)
     u = Unpacker(tmp_path / "root", entries, "t1")
-    with pytest.raises(BundleError, match="beyond the manifest"):
-        u.feed(b"abcdef")
+    with pytest.raises(BundleError, match="more bytes arrived"):
+        u.feed(0, b"abcdef")
+
+
+def test_bytes_out_of_turn_are_refused(tmp_path: Path) -> None:
+    entries = check_manifest([entry("a", data=b"abc"), entry("b", data=b"de")], 5)
+    u = Unpacker(tmp_path / "root", entries, "t1")
+    with pytest.raises(BundleError, match="out of turn"):
+        u.feed(1, b"de")
 
 
 def test_bytes_that_do_not_match_the_hash_are_refused(tmp_path: Path) -> None:
@@ -106,8 +116,8 @@ def test_round_trip_keeps_modes_symlinks_and_contents(tmp_path: Path) -> None:
     manifest = packer.manifest()
     root = tmp_path / "root"
     u = Unpacker(root, check_manifest([e.wire() for e in manifest], total_size(manifest)), "t")
-    for chunk in chunks(manifest):
-        u.feed(chunk)
+    for index, chunk in chunks(manifest, u.needed):
+        u.feed(index, chunk)
     assert u.complete
     dest = root / str(src).lstrip("/") / "d"
     assert os.readlink(dest / "alias") == "tool"
@@ -125,3 +135,31 @@ def test_absolute_symlink_targets_travel_relative(tmp_path: Path) -> None:
     packer.add_object("/", str(src / "abs"))
     links = [e for e in packer.manifest() if e.kind == "l"]
     assert [e.link for e in links] == ["real"]
+
+
+def test_cached_files_are_not_shipped_again(tmp_path: Path) -> None:
+    """A second job with the same file needs no bytes: the node copies it from its cache."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    data = os.urandom(5000)
+    raw = [entry("lib/libx.so", data=data), entry("empty", data=b"")]
+    first = Unpacker(tmp_path / "job1", check_manifest(raw, len(data)), "a", cache)
+    assert first.needed == [0]
+    first.feed(0, data)
+    assert first.complete
+    second = Unpacker(tmp_path / "job2", check_manifest(raw, len(data)), "b", cache)
+    assert second.needed == [] and second.complete
+    assert (tmp_path / "job2" / "lib" / "libx.so").read_bytes() == data
+    (tmp_path / "job2" / "lib" / "libx.so").write_bytes(b"changed by the job")
+    third = Unpacker(tmp_path / "job3", check_manifest(raw, len(data)), "c", cache)
+    assert (tmp_path / "job3" / "lib" / "libx.so").read_bytes() == data
+    assert third.complete
+
+
+def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", 10_000)
+    for n in range(6):
+        src = tmp_path / f"f{n}"
+        src.write_bytes(os.urandom(3000))
+        cache.add(str(src), hashlib.sha256(src.read_bytes()).digest())
+    held = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
+    assert held <= 10_000 and cache.size == held
