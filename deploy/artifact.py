@@ -1,13 +1,18 @@
-"""The gproc artifact: one zipapp that needs only python3 (and msgpack) on a node.
+"""The gproc artifact: one zipapp that needs only python3 on a node.
 
 Built from the code this process imports (a working tree or an installed copy), so the
 container harness and the SSH deployer ship exactly what is being tested. The hash names
 the artifact: a node that already holds the same hash needs no upload.
+
+The pure-Python parts of msgpack and pyelftools travel inside it, under ``_vendor``, which
+goes at the END of ``sys.path``: a node that has msgpack installed (with its C extension)
+uses that; a bare node falls back to the copy in the archive.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import shutil
 import tempfile
@@ -18,7 +23,16 @@ import gproc
 import gproc.deploy
 import gproc.locales
 
-MAIN = "import sys\nfrom gproc.cli import main\nsys.exit(main())\n"
+MAIN = """\
+import os
+import sys
+
+sys.path.append(os.path.join(os.path.dirname(__file__), "_vendor"))
+from gproc.cli import main  # noqa: E402
+
+sys.exit(main())
+"""
+VENDORED = ("msgpack", "elftools")
 
 
 def _stage(into: Path) -> None:
@@ -28,6 +42,9 @@ def _stage(into: Path) -> None:
     for sub, module in (("locales", gproc.locales), ("deploy", gproc.deploy)):
         shutil.rmtree(into / "gproc" / sub, ignore_errors=True)
         shutil.copytree(Path(module.__file__).parent, into / "gproc" / sub, ignore=ignore)
+    for name in VENDORED:
+        package = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(package, into / "_vendor" / name, ignore=ignore)
 
 
 def build_zipapp(dest: Path) -> tuple[Path, str]:
