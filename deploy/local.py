@@ -37,6 +37,7 @@ class Settings:
     racksize: int = 4
     key: str | None = None
     debug: int = 1
+    heartbeat: float = 5.0
 
 
 def state_dir(cmdport: int) -> Path:
@@ -69,6 +70,8 @@ class LocalTree:
             str(s.racksize),
             "-debug",
             str(s.debug),
+            "-heartbeat",
+            str(s.heartbeat),
         ]
         if s.key:
             argv += ["-key", s.key]

@@ -108,6 +108,13 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
         type=int,
         metavar="MIB",
     )
+    add(
+        "heartbeat",
+        "m, s: seconds between pings to parent and children; a peer silent for 4 beats is "
+        "dropped and reported lost (default 5)",
+        type=float,
+        metavar="SECONDS",
+    )
     add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
@@ -131,6 +138,7 @@ DEFAULTS = {
     "racksize": None,
     "key": None,
     "cacheMB": 512,
+    "heartbeat": 5.0,
     "raw": False,
     "b": False,
     "ldenv": False,
@@ -197,6 +205,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if mode is None:
         raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i or k"))
     args.mode = mode
+    if args.heartbeat <= 0:
+        raise SystemExit(usage_error(f"-heartbeat must be positive, not {args.heartbeat}"))
     if mode == "exec":
         _parse_exec(args)
     elif args.rest:

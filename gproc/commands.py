@@ -52,7 +52,11 @@ def do_master(args: argparse.Namespace) -> int:
 
     locale = locale_for(args)
     master = Master(
-        locale.master_name(), locale.master_listen(), args.defaultMasterUDS, key_for(args)
+        locale.master_name(),
+        locale.master_listen(),
+        args.defaultMasterUDS,
+        key_for(args),
+        args.heartbeat,
     )
 
     async def serve() -> None:
@@ -76,6 +80,7 @@ def do_slave(args: argparse.Namespace) -> int:
         place.listen,
         place.parent,
         key_for(args),
+        args.heartbeat,
     )
     return run_daemon(slave.run)
 

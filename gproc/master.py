@@ -34,11 +34,11 @@ class MasterRunning(GprocError):
 
 
 class Master:
-    def __init__(self, name: str, listen: tuple[str, int], uds: str, key: bytes):
+    def __init__(self, name: str, listen: tuple[str, int], uds: str, key: bytes, heartbeat: float):
         self.name = name
         self.listen = listen
         self.uds = uds
-        self.hop = Hop(name, 0, key)
+        self.hop = Hop(name, 0, key, heartbeat=heartbeat)
         self.uds_server: asyncio.base_events.Server | None = None
 
     def tree(self) -> Tree:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gproc import nodespec
-from gproc.wire import Conn, Frame, ProtocolError, encode, handshake
+from gproc.wire import HEARTBEAT, Conn, Frame, ProtocolError, encode, handshake, keep_alive
 
 log = logging.getLogger("gproc.relay")
 
@@ -215,9 +215,16 @@ class Hop:
     """One point of the tree: serves children, relays jobs down and their frames up."""
 
     def __init__(
-        self, name: str, node_id: int, key: bytes, on_tree_change: Callable[[], None] | None = None
+        self,
+        name: str,
+        node_id: int,
+        key: bytes,
+        on_tree_change: Callable[[], None] | None = None,
+        heartbeat: float = HEARTBEAT,
     ):
         self.name = name
+        self.heartbeat = heartbeat
+        self.watchdog: asyncio.Task[None] | None = None
         self.node_id = node_id
         self.key = key
         self.children: dict[int, Child] = {}
@@ -243,6 +250,8 @@ class Hop:
 
     async def serve(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        children = lambda: [c.conn for c in self.children.values()]  # noqa: E731
+        self.watchdog = asyncio.ensure_future(keep_alive(children, self.heartbeat, log))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer)
@@ -304,7 +313,7 @@ class Hop:
                 job = child.jobs.get(frame.get("job"))
                 if job is not None:
                     await job.from_child(child, frame)
-            else:
+            elif kind != "ping":
                 raise ProtocolError(f"unexpected {kind!r} frame from a child")
 
     async def _child_gone(self, child: Child) -> None:
@@ -341,6 +350,8 @@ class Hop:
             await job.kill()
         if self.server is not None:
             self.server.close()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         for child in list(self.children.values()):
             await child.conn.close()
 

@@ -20,7 +20,7 @@ from gproc import nodespec, sandbox
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.relay import Hop, Job, LocalRunner, check_header
-from gproc.wire import Conn, Frame, ProtocolError, handshake
+from gproc.wire import HEARTBEAT, Conn, Frame, ProtocolError, handshake, keep_alive
 
 log = logging.getLogger("gproc.slave")
 
@@ -259,12 +259,13 @@ class Slave:
         listen: tuple[str, int],
         parent: tuple[str, int],
         key: bytes,
+        heartbeat: float = HEARTBEAT,
     ):
         self.node = node
         self.listen = listen
         self.parent = parent
         self.key = key
-        self.hop = Hop(node.name, node_id, key, on_tree_change=self._tree_changed)
+        self.hop = Hop(node.name, node_id, key, self._tree_changed, heartbeat)
         self.up: Conn | None = None
         self.cache: BlobCache | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -293,9 +294,11 @@ class Slave:
             *self.parent,
             self.hop.node_id,
         )
+        watchdog = asyncio.ensure_future(keep_alive(lambda: [conn], self.hop.heartbeat, log))
         try:
             await self._parent_loop(conn)
         finally:
+            watchdog.cancel()
             log.warning("%s: parent gone; killing jobs and exiting", self.node.name)
             await self.hop.close()
             await conn.close()
@@ -309,7 +312,7 @@ class Slave:
                 await self.hop.jobs[jid].feed(frame["f"], frame["b"])
             elif kind == "kill" and jid in self.hop.jobs:
                 await self.hop.jobs[jid].kill()
-            elif kind not in ("data", "kill"):
+            elif kind not in ("data", "kill", "ping"):
                 raise ProtocolError(f"unexpected {kind!r} frame from the parent")
 
     async def _start(self, header: Frame, jid: str, conn: Conn) -> None:

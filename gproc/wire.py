@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import struct
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +87,12 @@ class Conn:
         self.writer = writer
         self._drain = asyncio.Lock()
         self.closed = False
+        self.last_heard = time.monotonic()
 
     async def recv(self) -> Frame | None:
-        return await read_frame(self.reader)
+        frame = await read_frame(self.reader)
+        self.last_heard = time.monotonic()
+        return frame
 
     async def send(self, frame: Frame) -> None:
         """Write one frame and wait for the buffer to drain (backpressure to the sender)."""
@@ -117,6 +123,29 @@ class Conn:
             await self.writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+
+
+HEARTBEAT = 5.0
+SILENT_BEATS = 4
+
+
+async def keep_alive(
+    peers: Callable[[], Iterable[Conn]], every: float, log: logging.Logger
+) -> None:
+    """Ping every peer each ``every`` seconds; close one silent for SILENT_BEATS beats.
+
+    TCP alone notices neither a paused peer (its kernel still ACKs) nor a cut cable for many
+    minutes; a closed connection is how the relay learns a child or parent is gone.
+    """
+    while True:
+        await asyncio.sleep(every)
+        now = time.monotonic()
+        for conn in list(peers()):
+            if now - conn.last_heard > every * SILENT_BEATS:
+                log.warning("%s silent for %.0fs; dropping it", conn.peer(), now - conn.last_heard)
+                conn.writer.close()
+            else:
+                conn.send_nowait({"t": "ping"})
 
 
 def _mac(key: bytes, role: bytes, their_nonce: bytes, my_nonce: bytes) -> bytes:

@@ -90,7 +90,7 @@ class Tree:
         return pid
 
 
-def start_tree(root: Path, nodes: int = 8, racksize: int = 4) -> Tree:
+def start_tree(root: Path, nodes: int = 8, racksize: int = 4, heartbeat: float = 5.0) -> Tree:
     root.mkdir(parents=True, exist_ok=True)
     base = free_port_block(nodes)
     settings = Settings(
@@ -100,6 +100,7 @@ def start_tree(root: Path, nodes: int = 8, racksize: int = 4) -> Tree:
         racksize=racksize,
         key=str(root / "cluster.key"),
         debug=1,
+        heartbeat=heartbeat,
     )
     launcher = LocalTree(settings, state=root / "state")
     launcher.up(1, nodes, timeout=30, say=lambda _msg: None)

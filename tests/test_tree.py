@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 
 import pytest
-from conftest import Tree, is_root, labelled
+from conftest import Tree, is_root, labelled, start_tree
 
 ALL = [f"n{i}" for i in range(1, 9)]
 
@@ -201,3 +202,20 @@ def test_ctrl_c_kills_the_job_everywhere(tree: Tree) -> None:
         time.sleep(0.05)
     assert sleepers(tag) == []
     assert tree.gproc("e", "./.", "/bin/true").returncode == 0
+
+
+def test_paused_slave_is_reported_lost(tmp_path) -> None:
+    """A frozen node still ACKs at the TCP level; the heartbeat is what finds it out."""
+    tree = start_tree(tmp_path / "tree", heartbeat=0.25)
+    try:
+        client = tree.popen("e", "./.", "/bin/sh", "-c", "sleep 1.5; echo finished")
+        time.sleep(0.7)
+        os.kill(tree.pid("n6"), signal.SIGSTOP)
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 255
+        assert "lost n6" in err
+        assert sorted(labelled(out)) == sorted(n for n in ALL if n != "n6")
+    finally:
+        with contextlib.suppress(AssertionError, ProcessLookupError):
+            os.kill(tree.pid("n6"), signal.SIGCONT)
+        tree.launcher.down()
