@@ -20,7 +20,7 @@ from gproc import nodespec
 from gproc.bundle import BundleError, Entry, check_manifest
 from gproc.errors import GprocError
 from gproc.relay import Hop, Job, Tree, check_header, expand, unreachable
-from gproc.wire import VERSION, Conn, Frame, ProtocolError
+from gproc.wire import VERSION, Conn, Frame, ProtocolError, connection_handler
 
 log = logging.getLogger("gproc.master")
 
@@ -79,6 +79,7 @@ class Master:
 
     # ------------------------------------------------------------ clients
 
+    @connection_handler(log)
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer)
         try:

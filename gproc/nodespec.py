@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 __all__ = ["SpecError", "Term", "Spec", "parse", "format_spec", "select", "missing", "fold"]
 
+# Ids are small (a parent has at most a few hundred children); the cap keeps a spec like
+# 1-4000000000 from making every hop enumerate billions of ids.
+MAX_ID = 99_999
+
 
 class SpecError(ValueError):
     """A malformed spec, located precisely so the user can fix it without guessing."""
@@ -102,8 +106,11 @@ class _Parser:
         match = _NUMBER.match(self.text, self.pos)
         if match is None:
             raise self.fail(f"expected a node number or '.' but {_describe(char)}")
+        number = int(match.group())
+        if number > MAX_ID:
+            raise self.fail(f"node id {number} is larger than {MAX_ID}")
         self.pos = match.end()
-        return int(match.group())
+        return number
 
 
 def _describe(char: str) -> str:

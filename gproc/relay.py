@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gproc import nodespec
-from gproc.wire import HEARTBEAT, Conn, Frame, ProtocolError, encode, handshake, keep_alive
+from gproc.wire import (
+    HEARTBEAT,
+    Conn,
+    Frame,
+    ProtocolError,
+    connection_handler,
+    encode,
+    handshake,
+    keep_alive,
+)
 
 log = logging.getLogger("gproc.relay")
 
@@ -253,6 +262,7 @@ class Hop:
         children = lambda: [c.conn for c in self.children.values()]  # noqa: E731
         self.watchdog = asyncio.ensure_future(keep_alive(children, self.heartbeat, log))
 
+    @connection_handler(log)
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer)
         child: Child | None = None

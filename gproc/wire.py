@@ -14,6 +14,7 @@ back. A peer without the key learns nothing but the two nonces.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -21,7 +22,7 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,31 @@ async def keep_alive(
                 conn.writer.close()
             else:
                 conn.send_nowait({"t": "ping"})
+
+
+def connection_handler(
+    log: logging.Logger,
+) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]:
+    """Wrap a server's per-connection coroutine so nothing a peer does escapes it.
+
+    A handler cancelled at shutdown ends quietly (asyncio 3.11 would log a traceback for
+    it), and an unexpected error costs that one connection, logged in one line (with the
+    traceback only at debug level), never the daemon.
+    """
+
+    def wrap(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        @functools.wraps(handler)
+        async def guarded(*args: Any) -> None:
+            try:
+                await handler(*args)
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:
+                log.error("connection handler failed: %r", e, exc_info=log.isEnabledFor(10))
+
+        return guarded
+
+    return wrap
 
 
 def _mac(key: bytes, role: bytes, their_nonce: bytes, my_nonce: bytes) -> bytes:

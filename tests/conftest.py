@@ -113,6 +113,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     t = start_tree(tmp_path_factory.mktemp("tree"))
     yield t
     t.launcher.down()
+    assert_clean_logs(t)
 
 
 @pytest.fixture
@@ -121,6 +122,15 @@ def own_tree(tmp_path: Path) -> Iterator[Tree]:
     t = start_tree(tmp_path / "tree")
     yield t
     t.launcher.down()
+    assert_clean_logs(t)
+
+
+def assert_clean_logs(t: Tree) -> None:
+    """Whatever the tests threw at them, the daemons logged reasons, never a traceback."""
+    for log in (t.root / "state").glob("*.log"):
+        text = log.read_text()
+        for sign in ("Traceback", "exception was never retrieved", "was destroyed but"):
+            assert sign not in text, f"{log.name}: {sign}\n{text[-3000:]}"
 
 
 def labelled(stdout: str) -> dict[str, list[str]]:

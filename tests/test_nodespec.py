@@ -176,3 +176,10 @@ def test_fold_numeric_order_and_dedupe() -> None:
 def test_fold_keeps_prefixes_and_padding_apart() -> None:
     names = ["rack2-n3", "rack2-n4", "kn1", "n01", "n02", "n10", "master"]
     assert fold(names) == "kn1,master,n[01-02],n10,rack2-n[3-4]"
+
+
+def test_huge_ids_are_refused_before_anyone_enumerates_them() -> None:
+    with pytest.raises(SpecError) as err:
+        parse("1-4000000000")
+    assert err.value.position == 2
+    assert "larger than" in str(err.value)
