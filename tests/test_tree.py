@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Tree, is_root, labelled, start_tree
@@ -219,3 +221,76 @@ def test_paused_slave_is_reported_lost(tmp_path) -> None:
         with contextlib.suppress(AssertionError, ProcessLookupError):
             os.kill(tree.pid("n6"), signal.SIGCONT)
         tree.launcher.down()
+
+
+GREET_C = 'const char *greeting(void) { return "hello from libgreet"; }\n'
+HELLO_C = """#include <stdio.h>
+const char *greeting(void);
+int main(int argc, char **argv) {
+    printf("%s (%s)\\n", greeting(), argc > 1 ? argv[1] : "-");
+    return 0;
+}
+"""
+
+
+def build_app(prefix: Path) -> Path:
+    """prefix/bin/hello needs prefix/lib/libgreet.so, found only through RUNPATH=$ORIGIN/../lib."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed (apt install gcc)")
+    (prefix / "lib").mkdir(parents=True)
+    (prefix / "bin").mkdir()
+    (prefix / "greet.c").write_text(GREET_C)
+    (prefix / "hello.c").write_text(HELLO_C)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-o", prefix / "lib" / "libgreet.so", prefix / "greet.c"],
+        check=True,
+    )
+    subprocess.run(
+        [
+            "gcc",
+            "-o",
+            prefix / "bin" / "hello",
+            prefix / "hello.c",
+            f"-L{prefix / 'lib'}",
+            "-lgreet",
+            "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib",
+        ],
+        check=True,
+    )
+    return prefix / "bin" / "hello"
+
+
+def test_runpath_program_runs_on_every_node(tree: Tree) -> None:
+    hello = build_app(tree.root / "app")
+    r = tree.gproc("e", "./.", str(hello), "arg")
+    assert r.returncode == 0, r.stderr
+    assert labelled(r.stdout) == {n: ["hello from libgreet (arg)"] for n in ALL}
+
+
+def test_program_from_another_root(tree: Tree) -> None:
+    """-r: the program, its loader and its libraries come from a root the host does not use."""
+    root = tree.root / "otherroot"
+    build_app(root / "opt" / "app")
+    for lib in ("/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/libc.so.6"):
+        dest = root / lib.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.realpath(lib), dest)
+    assert not Path("/opt/app/bin/hello").exists()
+    r = tree.gproc("-r", str(root), "e", "1/.", "/opt/app/bin/hello")
+    assert r.returncode == 0, r.stderr
+    assert labelled(r.stdout) == {n: ["hello from libgreet (-)"] for n in ("n1", "n2", "n3", "n4")}
+
+
+def test_localbin_runs_the_nodes_own_program(tree: Tree) -> None:
+    r = tree.gproc("-localbin", "e", "2/.", "sh", "-c", 'echo "$0 on $GPROC_NODE"')
+    assert r.returncode == 0, r.stderr
+    assert labelled(r.stdout) == {n: [f"sh on {n}"] for n in ("n5", "n6", "n7", "n8")}
+
+
+def test_ldenv_runs_through_library_path(tree: Tree) -> None:
+    hello = tree.root / "app" / "bin" / "hello"
+    if not hello.exists():
+        build_app(tree.root / "app")
+    r = tree.gproc("-ldenv", "e", "1", str(hello))
+    assert r.returncode == 0, r.stderr
+    assert labelled(r.stdout) == {"n4": ["hello from libgreet (-)"]}
