@@ -243,6 +243,7 @@ class Unpacker:
         self.entries = entries
         self.cache = cache
         self.current: _Incoming | None = None
+        self.dirs: dict[str, str] = {}  # checked directories: manifest path -> host path
         root.mkdir(parents=True, exist_ok=True)
         for e in entries:
             if e.kind == "d":
@@ -287,19 +288,21 @@ class Unpacker:
         if self.cache is None:
             return False
         tmp = f"{host}.gproc-{self.tag}"
-        if not self.cache.copy_out(e.sha256, tmp):
+        if not self.cache.copy_out(e.sha256, tmp, e.mode & 0o1777):
             return False
-        os.chmod(tmp, e.mode & 0o1777)
         os.replace(tmp, host)
         return True
 
     def _host(self, path: str) -> str:
         """Host path for ``path``, after making sure its directory is inside the root."""
-        parent = self.root / posixpath.dirname(path) if "/" in path else self.root
-        parent.mkdir(parents=True, exist_ok=True)
-        real = os.path.realpath(parent)
-        if real != self.real_root and not real.startswith(self.real_root + "/"):
-            raise BundleError(f"{path}: its directory resolves to {real}, outside the root")
+        parent = posixpath.dirname(path)
+        real = self.dirs.get(parent)
+        if real is None:
+            (self.root / parent).mkdir(parents=True, exist_ok=True)
+            real = os.path.realpath(self.root / parent)
+            if real != self.real_root and not real.startswith(self.real_root + "/"):
+                raise BundleError(f"{path}: its directory resolves to {real}, outside the root")
+            self.dirs[parent] = real
         return os.path.join(real, posixpath.basename(path))
 
     def _dir(self, path: str, mode: int) -> None:

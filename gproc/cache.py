@@ -4,8 +4,12 @@ People run the same binary again and again; its libc does not change between run
 slave keeps the files it has received, named by their sha256, in a directory beside binRoot
 (bounded in size, oldest out first). When a job arrives, a node answers with the files it
 does not hold, every hop passes the union up, and the client sends only those; each hop then
-forwards a file only to the children that asked for it. A job always gets its own copy of a
-cached file, so what a job does to its files cannot reach the cache or another job.
+forwards a file only to the children that asked for it.
+
+A job's files are hard links to the cached blobs (a copy where the mode differs or the link
+cannot be made): copying libc into every job was most of a cached launch. The cache
+remembers each blob's size and mtime, so a job that writes into a shipped file in place is
+noticed the next time the blob is wanted, and the blob is dropped rather than handed on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 log = logging.getLogger("gproc.cache")
@@ -25,16 +30,33 @@ class BlobCache:
         self.limit = limit
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        self.seen: dict[str, tuple[int, int]] = {}
 
     def _blob(self, digest: bytes) -> Path:
         return self.path / digest.hex()
 
-    def copy_out(self, digest: bytes, dest: str) -> bool:
-        """Copy the cached blob to ``dest``; False when it is not (or no longer) cached."""
+    def _intact(self, blob: Path, st: os.stat_result) -> bool:
+        """Unchanged since it was cached (or since this daemon first saw it)."""
+        seen = self.seen.setdefault(blob.name, (st.st_size, st.st_mtime_ns))
+        return seen == (st.st_size, st.st_mtime_ns)
+
+    def copy_out(self, digest: bytes, dest: str, mode: int) -> bool:
+        """Put the cached blob at ``dest`` (hard link or copy); False when not cached."""
         blob = self._blob(digest)
         try:
+            st = blob.stat()
+            if not self._intact(blob, st):
+                log.warning("cached %s changed since it was stored; dropping it", blob.name)
+                self._drop(blob)
+                return False
+            if stat.S_IMODE(st.st_mode) == mode:
+                try:
+                    os.link(blob, dest)
+                    return True
+                except OSError:
+                    pass  # another file system, or links not allowed: copy
             shutil.copyfile(blob, dest)
-            os.utime(blob)
+            os.chmod(dest, mode)
         except FileNotFoundError:
             return False
         return True
@@ -50,7 +72,10 @@ class BlobCache:
         tmp = blob.with_suffix(f".tmp{os.getpid()}")
         try:
             shutil.copyfile(src, tmp)
+            shutil.copymode(src, tmp)
             tmp.replace(blob)
+            st = blob.stat()
+            self.seen[blob.name] = (st.st_size, st.st_mtime_ns)
         except OSError as e:
             log.warning("cannot cache %s: %s", src, e)
             with contextlib.suppress(OSError):
@@ -65,7 +90,11 @@ class BlobCache:
         for _, blob in blobs:
             if self.size <= self.limit * 3 // 4:
                 break
-            with contextlib.suppress(FileNotFoundError):
-                size = blob.stat().st_size
-                blob.unlink()
-                self.size -= size
+            self._drop(blob)
+
+    def _drop(self, blob: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            size = blob.stat().st_size
+            blob.unlink()
+            self.size -= size
+            self.seen.pop(blob.name, None)

@@ -325,10 +325,10 @@ class Slave:
             spec, problem = (), f"bad job header: {e}"
         run = NodeRun(self.node, header, jid, problem, self.cache)
         job = await self.hop.start_job(header, conn, run, spec, jid=jid)
-        run.attach(job)
         task = asyncio.get_running_loop().create_task(self._report_needs(job, conn))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        run.attach(job)  # after the report is queued: the fork must not delay the tree's answer
 
     @staticmethod
     async def _report_needs(job: Job, conn: Conn) -> None:

@@ -149,10 +149,13 @@ def test_cached_files_are_not_shipped_again(tmp_path: Path) -> None:
     second = Unpacker(tmp_path / "job2", check_manifest(raw, len(data)), "b", cache)
     assert second.needed == [] and second.complete
     assert (tmp_path / "job2" / "lib" / "libx.so").read_bytes() == data
-    (tmp_path / "job2" / "lib" / "libx.so").write_bytes(b"changed by the job")
+    (tmp_path / "job2" / "lib" / "libx.so").write_bytes(b"changed by the job, in place")
     third = Unpacker(tmp_path / "job3", check_manifest(raw, len(data)), "c", cache)
+    assert third.needed == [0], "a blob changed through a job's link is not handed on"
+    third.feed(0, data)
     assert (tmp_path / "job3" / "lib" / "libx.so").read_bytes() == data
-    assert third.complete
+    fourth = Unpacker(tmp_path / "job4", check_manifest(raw, len(data)), "d", cache)
+    assert fourth.needed == [] and (tmp_path / "job4" / "lib" / "libx.so").read_bytes() == data
 
 
 def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
