@@ -9,7 +9,6 @@ directory, so ``status`` and ``down`` need no switches repeated.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -22,9 +21,9 @@ from pathlib import Path
 
 from gproc.client import ClientError, fetch_tree, format_tree, tree_rows
 from gproc.errors import GprocError
+from gproc.keys import create_key
 from gproc.locales import LocaleOptions
 from gproc.locales.local import Local
-from gproc.wire import create_key
 
 
 @dataclass
@@ -149,7 +148,7 @@ class LocalTree:
         live: set[str] = set()
         while time.monotonic() < deadline:
             with contextlib.suppress(ClientError, OSError):
-                tree = asyncio.run(fetch_tree(self.settings.uds))
+                tree = fetch_tree(self.settings.uds)
                 live = {r[1] for r in tree_rows(tree) if r[4] == "up"}
                 if ready(live):
                     return
@@ -162,7 +161,7 @@ class LocalTree:
         )
 
     def status(self) -> str:
-        return format_tree(asyncio.run(fetch_tree(self.settings.uds)))
+        return format_tree(fetch_tree(self.settings.uds))
 
     def down(self, grace: float = 5.0) -> list[str]:
         """Stop every daemon this launcher started (leaves first); returns their names."""

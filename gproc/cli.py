@@ -8,8 +8,6 @@ before the node spec. ``-name=value`` and ``-name value`` both work, and boolean
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -255,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_until_signalled(coro_factory: object) -> None:
     """Run a daemon's coroutine; SIGTERM and SIGINT end it cleanly."""
+
+    import asyncio
+    import contextlib
 
     async def runner() -> None:
         loop = asyncio.get_running_loop()

@@ -8,16 +8,16 @@ while already printing what comes back, and exits with the job's status.
 
 from __future__ import annotations
 
-import asyncio
 import os
+import socket
+import threading
 from dataclasses import dataclass, field
 
 from gproc import nodespec
 from gproc.bundle import Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.output import Printer
-from gproc.relay import Tree
-from gproc.wire import VERSION, Conn, Frame, ProtocolError
+from gproc.wire import VERSION, BlockingConn, Frame, ProtocolError, Tree
 
 
 class ClientError(GprocError):
@@ -93,78 +93,91 @@ def _loader_takes_argv0(root: str, interp: str | None) -> bool:
         return b"--argv0" in f.read()
 
 
-async def connect(uds: str) -> Conn:
+def connect(uds: str) -> BlockingConn:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        reader, writer = await asyncio.open_unix_connection(uds)
+        sock.connect(uds)
     except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
         raise ClientError(
             f"no master answers on {uds}: start one with "
             "'gproc-deploy up 1 8 --locale local' or 'gproc m'"
         ) from None
     except PermissionError:
+        sock.close()
         raise ClientError(
             f"{uds} belongs to another user's master; use -defaultMasterUDS to name yours"
         ) from None
-    return Conn(reader, writer)
+    return BlockingConn(sock)
 
 
-async def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
+def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
+    """Run the job; the exit status of the whole job (see gproc.output)."""
     header, manifest = build_job(opts)
     printer = printer or Printer(raw=opts.raw, folded=opts.fold)
-    conn = await connect(opts.uds)
-    sender: asyncio.Future[None] | None = None
+    conn = connect(opts.uds)
     try:
-        await conn.send(header)
-        while (frame := await conn.recv()) is not None:
-            kind = frame["t"]
-            if kind == "plan":
-                printer.planned = list(frame.get("nodes", []))
-                printer.unreachable = list(frame.get("unreachable", []))
-                need = frame.get("need", [])
-                sender = asyncio.ensure_future(_send_files(conn, manifest, need))
-            elif kind == "error":
-                raise ClientError(str(frame.get("message")))
-            elif kind == "done":
-                break
-            else:
-                _show(printer, frame)
-        else:
-            raise ClientError("the master went away before the job ended")
-        if sender is not None:
-            await sender
+        conn.send(header)
+        _follow(conn, printer, manifest)
+    except OSError as e:
+        raise ClientError(f"lost the master: {e.strerror or e}") from None
     finally:
-        if sender is not None and not sender.done():
-            sender.cancel()
-        await conn.close()
+        conn.close()
     return printer.finish()
 
 
-async def _send_files(conn: Conn, manifest: list[Entry], needed: list[int]) -> None:
+def _follow(conn: BlockingConn, printer: Printer, manifest: list[Entry]) -> None:
+    """Read the master's frames until the job is done; file bytes go out from a thread."""
+    while (frame := conn.recv()) is not None:
+        kind = frame["t"]
+        if kind == "plan":
+            printer.planned = list(frame.get("nodes", []))
+            printer.unreachable = list(frame.get("unreachable", []))
+            sender = threading.Thread(
+                target=_send_files, args=(conn, manifest, frame.get("need", [])), daemon=True
+            )
+            sender.start()
+        elif kind == "error":
+            raise ClientError(str(frame.get("message")))
+        elif kind == "done":
+            return
+        else:
+            _show(printer, frame)
+    raise ClientError("the master went away before the job ended")
+
+
+def _send_files(conn: BlockingConn, manifest: list[Entry], needed: list[int]) -> None:
     """Send the bytes of the files some node lacks (the others are in the nodes' caches)."""
-    for index, chunk in chunks(manifest, needed):
-        await conn.send({"t": "data", "f": index, "b": chunk})
+    try:
+        for index, chunk in chunks(manifest, needed):
+            conn.send({"t": "data", "f": index, "b": chunk})
+    except OSError:
+        pass  # the master went away; the reading side reports it
 
 
 def _show(printer: Printer, frame: Frame) -> None:
     """Output, exits and losses, as they arrive (nodes with every file cached start early)."""
     kind = frame["t"]
-    if kind == "out":
-        printer.output(frame["node"], frame["fd"], frame["b"])
-    elif kind == "exit":
-        printer.exited(frame["node"], frame["status"])
-    elif kind == "lost":
-        printer.node_lost(frame["nodes"], frame.get("reason", "lost"))
-    else:
-        raise ProtocolError(f"unexpected {kind!r} frame from the master")
-
-
-async def fetch_tree(uds: str) -> Tree:
-    conn = await connect(uds)
     try:
-        await conn.send({"t": "info", "v": VERSION})
-        reply = await conn.recv()
+        if kind == "out":
+            printer.output(frame["node"], frame["fd"], frame["b"])
+        elif kind == "exit":
+            printer.exited(frame["node"], frame["status"])
+        elif kind == "lost":
+            printer.node_lost(frame["nodes"], frame.get("reason", "lost"))
+        else:
+            raise ProtocolError(f"unexpected {kind!r} frame from the master")
+    except (KeyError, TypeError, AttributeError):
+        raise ProtocolError(f"malformed {kind!r} frame from the master") from None
+
+
+def fetch_tree(uds: str) -> Tree:
+    conn = connect(uds)
+    try:
+        conn.send({"t": "info", "v": VERSION})
+        reply = conn.recv()
     finally:
-        await conn.close()
+        conn.close()
     if reply is None or reply.get("t") != "tree":
         raise ClientError(f"the master did not answer the info request: {reply!r}")
     return reply["tree"]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from gproc.errors import GprocError
-from gproc.locales import Locale, LocaleError, LocaleOptions, load_locale
-from gproc.wire import create_key, load_key
+
+if TYPE_CHECKING:
+    from gproc.locales import Locale
+from gproc.keys import create_key, load_key
 
 log = logging.getLogger("gproc")
 
@@ -18,6 +20,7 @@ log = logging.getLogger("gproc")
 def user_errors() -> tuple[type[Exception], ...]:
     """Every exception type whose message is meant for the user (printed, exit 1)."""
     from gproc.elf import ClosureError
+    from gproc.locales import LocaleError
     from gproc.nodespec import SpecError
 
     return (GprocError, LocaleError, ClosureError, SpecError)
@@ -28,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def locale_for(args: argparse.Namespace) -> Locale:
+    from gproc.locales import LocaleOptions, load_locale
+
     opts = LocaleOptions(
         cmdport=args.cmdport,
         parent=args.parent,
@@ -60,6 +65,8 @@ def do_master(args: argparse.Namespace) -> int:
     )
 
     async def serve() -> None:
+        import asyncio
+
         try:
             await master.start()
             await asyncio.Event().wait()
@@ -114,13 +121,13 @@ def do_exec(args: argparse.Namespace) -> int:
         raw=args.raw,
         fold=args.b,
     )
-    return asyncio.run(run_exec(opts))
+    return run_exec(opts)
 
 
 def do_info(args: argparse.Namespace) -> int:
     from gproc.client import fetch_tree, format_tree
 
-    print(format_tree(asyncio.run(fetch_tree(args.defaultMasterUDS))))
+    print(format_tree(fetch_tree(args.defaultMasterUDS)))
     return 0
 
 

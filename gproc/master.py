@@ -20,7 +20,8 @@ from gproc import nodespec
 from gproc.bundle import BundleError, Entry, check_manifest
 from gproc.errors import GprocError
 from gproc.relay import Hop, Job, Tree, check_header, expand, unreachable
-from gproc.wire import VERSION, Conn, Frame, ProtocolError, connection_handler
+from gproc.stream import Conn, connection_handler
+from gproc.wire import VERSION, Frame, ProtocolError
 
 log = logging.getLogger("gproc.master")
 

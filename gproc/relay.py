@@ -19,20 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gproc import nodespec
-from gproc.wire import (
-    HEARTBEAT,
-    Conn,
-    Frame,
-    ProtocolError,
-    connection_handler,
-    encode,
-    handshake,
-    keep_alive,
-)
+from gproc.stream import HEARTBEAT, Conn, connection_handler, handshake, keep_alive
+from gproc.wire import Frame, ProtocolError, Tree, encode
 
 log = logging.getLogger("gproc.relay")
-
-Tree = dict[str, Any]  # {"id", "name", "addr", "state", "children": [Tree, ...]}
 
 
 @dataclass(eq=False)

@@ -20,7 +20,8 @@ from gproc import nodespec, sandbox
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.relay import Hop, Job, LocalRunner, check_header
-from gproc.wire import HEARTBEAT, Conn, Frame, ProtocolError, handshake, keep_alive
+from gproc.stream import HEARTBEAT, Conn, handshake, keep_alive
+from gproc.wire import Frame, ProtocolError
 
 log = logging.getLogger("gproc.slave")
 

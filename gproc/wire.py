@@ -1,29 +1,17 @@
-"""The wire protocol: length-prefixed msgpack frames and the cluster-key handshake.
+"""The wire format: length-prefixed msgpack frames, and a blocking connection for clients.
 
 Every frame is a 4-byte big-endian length followed by one msgpack map with a ``t`` (type)
 field. Lengths above :data:`MAX_FRAME` are refused before any byte of the body is read, so a
 hostile peer cannot make a daemon allocate more than that. File bytes travel in chunks of
-:data:`CHUNK` bytes, far below the cap.
-
-TCP connections between daemons begin with a versioned hello and a mutual challenge-response
-on the shared cluster key (HMAC-SHA256, the idea of MUNGE): each side proves it holds the key
-by MACing the other side's fresh nonce, bound to its own role so a reply cannot be reflected
-back. A peer without the key learns nothing but the two nonces.
+:data:`CHUNK` bytes, far below the cap. The daemons speak it over asyncio streams
+(gproc.stream); the short-lived clients use :class:`BlockingConn`, which spares every
+``gproc e`` the import of asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import hashlib
-import hmac
-import logging
-import os
-import secrets
+import socket
 import struct
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -33,10 +21,10 @@ from gproc.errors import GprocError
 VERSION = 1
 MAX_FRAME = 4 << 20
 CHUNK = 256 << 10
-HANDSHAKE_TIMEOUT = 10.0
-_LEN = struct.Struct(">I")
+LENGTH = struct.Struct(">I")
 
 Frame = dict[str, Any]
+Tree = dict[str, Any]  # {"id", "name", "addr", "state", "children": [Tree, ...]}
 
 
 class ProtocolError(GprocError):
@@ -48,25 +36,15 @@ def encode(frame: Frame) -> bytes:
     body = msgpack.packb(frame, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte cap")
-    return _LEN.pack(len(body)) + body
+    return LENGTH.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
-    """The next frame, or None on a clean end of stream between frames."""
-    try:
-        head = await reader.readexactly(4)
-    except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise ProtocolError("connection closed inside a frame header") from None
-        return None
-    (size,) = _LEN.unpack(head)
+def body_length(head: bytes) -> int:
+    """The body length a header announces, refused above the cap."""
+    (size,) = LENGTH.unpack(head)
     if size > MAX_FRAME:
         raise ProtocolError(f"frame length {size} exceeds the {MAX_FRAME}-byte cap")
-    try:
-        body = await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise ProtocolError(f"connection closed inside a {size}-byte frame") from None
-    return decode(body)
+    return size
 
 
 def decode(body: bytes) -> Frame:
@@ -80,174 +58,29 @@ def decode(body: bytes) -> Frame:
     return frame
 
 
-class Conn:
-    """One framed connection; writes are serialised so concurrent jobs can share it."""
+class BlockingConn:
+    """A framed Unix-socket connection for a client: one thread may send while one receives."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
-        self._drain = asyncio.Lock()
-        self.closed = False
-        self.last_heard = time.monotonic()
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
 
-    async def recv(self) -> Frame | None:
-        frame = await read_frame(self.reader)
-        self.last_heard = time.monotonic()
-        return frame
+    def send(self, frame: Frame) -> None:
+        self.sock.sendall(encode(frame))
 
-    async def send(self, frame: Frame) -> None:
-        """Write one frame and wait for the buffer to drain (backpressure to the sender)."""
-        if self.closed:
-            raise ConnectionResetError("connection already closed")
-        self.writer.write(encode(frame))
-        await self.drain()
+    def recv(self) -> Frame | None:
+        """The next frame, or None on a clean end of stream between frames."""
+        head = self.rfile.read(4)
+        if not head:
+            return None
+        if len(head) < 4:
+            raise ProtocolError("connection closed inside a frame header")
+        size = body_length(head)
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise ProtocolError(f"connection closed inside a {size}-byte frame")
+        return decode(body)
 
-    async def drain(self) -> None:
-        async with self._drain:
-            await self.writer.drain()
-
-    def send_nowait(self, frame: Frame) -> None:
-        """Queue one frame without waiting; for small control frames on teardown paths."""
-        if not self.closed and not self.writer.is_closing():
-            self.writer.write(encode(frame))
-
-    def peer(self) -> str:
-        name = self.writer.get_extra_info("peername")
-        if isinstance(name, tuple):
-            return f"{name[0]}:{name[1]}"
-        return str(name or "unix socket")
-
-    async def close(self) -> None:
-        self.closed = True
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
-
-
-HEARTBEAT = 5.0
-SILENT_BEATS = 4
-
-
-async def keep_alive(
-    peers: Callable[[], Iterable[Conn]], every: float, log: logging.Logger
-) -> None:
-    """Ping every peer each ``every`` seconds; close one silent for SILENT_BEATS beats.
-
-    TCP alone notices neither a paused peer (its kernel still ACKs) nor a cut cable for many
-    minutes; a closed connection is how the relay learns a child or parent is gone.
-    """
-    while True:
-        await asyncio.sleep(every)
-        now = time.monotonic()
-        for conn in list(peers()):
-            if now - conn.last_heard > every * SILENT_BEATS:
-                log.warning("%s silent for %.0fs; dropping it", conn.peer(), now - conn.last_heard)
-                conn.writer.close()
-            else:
-                conn.send_nowait({"t": "ping"})
-
-
-def connection_handler(
-    log: logging.Logger,
-) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]:
-    """Wrap a server's per-connection coroutine so nothing a peer does escapes it.
-
-    A handler cancelled at shutdown ends quietly (asyncio 3.11 would log a traceback for
-    it), and an unexpected error costs that one connection, logged in one line (with the
-    traceback only at debug level), never the daemon.
-    """
-
-    def wrap(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        @functools.wraps(handler)
-        async def guarded(*args: Any) -> None:
-            try:
-                await handler(*args)
-            except asyncio.CancelledError:
-                pass
-            except Exception as e:
-                log.error("connection handler failed: %r", e, exc_info=log.isEnabledFor(10))
-
-        return guarded
-
-    return wrap
-
-
-def _mac(key: bytes, role: bytes, their_nonce: bytes, my_nonce: bytes) -> bytes:
-    return hmac.new(
-        key, b"gproc-v1|" + role + b"|" + their_nonce + my_nonce, hashlib.sha256
-    ).digest()
-
-
-async def handshake(conn: Conn, key: bytes, role: str, kind: str) -> Frame:
-    """Hello plus mutual HMAC proof; returns the peer's hello. ``role`` is "dial" or "accept".
-
-    ``kind`` says what this end is (for example "slave" or "master") and is carried in the hello
-    so logs can name it. Raises ProtocolError when the peer is not of this cluster.
-    """
-    return await asyncio.wait_for(_handshake(conn, key, role, kind), HANDSHAKE_TIMEOUT)
-
-
-async def _handshake(conn: Conn, key: bytes, role: str, kind: str) -> Frame:
-    mine = secrets.token_bytes(32)
-    await conn.send({"t": "hello", "v": VERSION, "kind": kind, "nonce": mine})
-    hello = await conn.recv()
-    if hello is None or hello.get("t") != "hello":
-        raise ProtocolError("peer did not say hello")
-    if hello.get("v") != VERSION:
-        raise ProtocolError(f"peer speaks protocol version {hello.get('v')!r}, not {VERSION}")
-    theirs = hello.get("nonce")
-    if not isinstance(theirs, bytes) or len(theirs) != 32 or theirs == mine:
-        raise ProtocolError("peer sent a bad nonce")
-    other = b"accept" if role == "dial" else b"dial"
-    await conn.send({"t": "auth", "mac": _mac(key, role.encode(), theirs, mine)})
-    auth = await conn.recv()
-    if auth is None or auth.get("t") != "auth" or not isinstance(auth.get("mac"), bytes):
-        raise ProtocolError("peer did not prove the cluster key")
-    if not hmac.compare_digest(auth["mac"], _mac(key, other, mine, theirs)):
-        raise ProtocolError("peer does not hold the cluster key")
-    return hello
-
-
-def default_key_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "gproc" / "cluster.key"
-
-
-class ClusterKeyError(GprocError):
-    """The cluster key is missing or unreadable; the message says how to make one."""
-
-
-def load_key(path: str | os.PathLike[str] | None) -> bytes:
-    """Read the cluster key; refuse one that others can read."""
-    p = Path(path) if path else default_key_path()
-    try:
-        st = p.stat()
-        data = p.read_bytes().strip()
-    except FileNotFoundError:
-        raise ClusterKeyError(
-            f"no cluster key at {p}: create one with 'gproc k' (or -key PATH) and copy it, "
-            "mode 0600, to every node"
-        ) from None
-    except OSError as e:
-        raise ClusterKeyError(f"cannot read the cluster key {p}: {e.strerror}") from None
-    if st.st_mode & 0o077:
-        raise ClusterKeyError(f"cluster key {p} is readable by others: chmod 600 {p}")
-    if len(data) < 16:
-        raise ClusterKeyError(
-            f"cluster key {p} is too short: make a new one with 'gproc k -key {p}'"
-        )
-    return data
-
-
-def create_key(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:
-    """Create a fresh random key with mode 0600 unless one exists; returns (path, created)."""
-    p = Path(path) if path else default_key_path()
-    if p.exists():
-        return p, False
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return p, True
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()

@@ -11,7 +11,8 @@ import msgpack
 import pytest
 from conftest import Tree
 
-from gproc.wire import MAX_FRAME, Conn, ProtocolError, encode, handshake, read_frame
+from gproc.stream import Conn, handshake, read_frame
+from gproc.wire import MAX_FRAME, ProtocolError, encode
 
 
 def run_job(tree: Tree) -> None:
