@@ -26,27 +26,27 @@ log = logging.getLogger("gproc.cache")
 
 class BlobCache:
     def __init__(self, path: Path, limit: int):
-        self.path = path
+        self.path = str(path)  # plain strings: pathlib costs more than the syscalls here
         self.limit = limit
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         self.seen: dict[str, tuple[int, int]] = {}
 
-    def _blob(self, digest: bytes) -> Path:
-        return self.path / digest.hex()
+    def _blob(self, digest: bytes) -> str:
+        return os.path.join(self.path, digest.hex())
 
-    def _intact(self, blob: Path, st: os.stat_result) -> bool:
+    def _intact(self, blob: str, st: os.stat_result) -> bool:
         """Unchanged since it was cached (or since this daemon first saw it)."""
-        seen = self.seen.setdefault(blob.name, (st.st_size, st.st_mtime_ns))
+        seen = self.seen.setdefault(blob, (st.st_size, st.st_mtime_ns))
         return seen == (st.st_size, st.st_mtime_ns)
 
     def copy_out(self, digest: bytes, dest: str, mode: int) -> bool:
         """Put the cached blob at ``dest`` (hard link or copy); False when not cached."""
         blob = self._blob(digest)
         try:
-            st = blob.stat()
+            st = os.stat(blob)
             if not self._intact(blob, st):
-                log.warning("cached %s changed since it was stored; dropping it", blob.name)
+                log.warning("cached %s changed since it was stored; dropping it", blob)
                 self._drop(blob)
                 return False
             if stat.S_IMODE(st.st_mode) == mode:
@@ -64,37 +64,38 @@ class BlobCache:
     def add(self, src: str, digest: bytes) -> None:
         """Keep a copy of a received, verified file; evict the oldest beyond the limit."""
         blob = self._blob(digest)
-        if blob.exists():
+        if os.path.exists(blob):
             return
         size = os.path.getsize(src)
         if size > self.limit:
             return
-        tmp = blob.with_suffix(f".tmp{os.getpid()}")
+        tmp = f"{blob}.tmp{os.getpid()}"
         try:
             shutil.copyfile(src, tmp)
             shutil.copymode(src, tmp)
-            tmp.replace(blob)
-            st = blob.stat()
-            self.seen[blob.name] = (st.st_size, st.st_mtime_ns)
+            os.replace(tmp, blob)
+            st = os.stat(blob)
+            self.seen[blob] = (st.st_size, st.st_mtime_ns)
         except OSError as e:
             log.warning("cannot cache %s: %s", src, e)
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             return
         self.size += size
         if self.size > self.limit:
             self._evict()
 
     def _evict(self) -> None:
-        blobs = sorted((p.stat().st_mtime, p) for p in self.path.iterdir() if p.is_file())
+        with os.scandir(self.path) as entries:
+            blobs = sorted((e.stat().st_mtime, e.path) for e in entries if e.is_file())
         for _, blob in blobs:
             if self.size <= self.limit * 3 // 4:
                 break
             self._drop(blob)
 
-    def _drop(self, blob: Path) -> None:
+    def _drop(self, blob: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            size = blob.stat().st_size
-            blob.unlink()
+            size = os.stat(blob).st_size
+            os.unlink(blob)
             self.size -= size
-            self.seen.pop(blob.name, None)
+            self.seen.pop(blob, None)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,9 @@ class NodeRun(LocalRunner):
             bind=(self.files_root, root) if self.private else None,
         )
         try:
+            t = time.perf_counter()
             self.proc = await sandbox.start(launch)
+            log.debug("job %s: started in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3)
         except sandbox.SandboxError as e:
             return await self._fail(str(e), EXIT_CANNOT_RUN)
         except OSError as e:
@@ -189,7 +192,11 @@ class NodeRun(LocalRunner):
         if self.unpacker is not None:
             self.unpacker.abort()
         if self.private:
+            t = time.perf_counter()
             shutil.rmtree(self.files_root, ignore_errors=True)
+            log.debug(
+                "job %s: staging removed in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3
+            )
 
     async def kill(self) -> None:
         if self.proc is not None:
