@@ -9,21 +9,19 @@ directory, so ``status`` and ``down`` need no switches repeated.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gproc.client import ClientError, fetch_tree, format_tree, tree_rows
+from gproc.client import fetch_tree, format_tree
 from gproc.errors import GprocError
 from gproc.keys import create_key
 from gproc.locales import LocaleOptions
 from gproc.locales.local import Local
+
+from .daemons import LocalDaemons, wait_master, wait_registered
 
 
 @dataclass
@@ -48,6 +46,7 @@ class LocalTree:
     def __init__(self, settings: Settings, state: Path | None = None):
         self.settings = settings
         self.state = state or state_dir(settings.cmdport)
+        self.daemons = LocalDaemons(self.state)
 
     # ------------------------------------------------------------ processes
 
@@ -76,33 +75,8 @@ class LocalTree:
             argv += ["-key", s.key]
         return argv + list(mode)
 
-    def _start(self, name: str, argv: list[str]) -> bool:
-        """Start one daemon detached unless it already runs; True when started."""
-        if self.pid(name) is not None:
-            return False
-        with open(self.state / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                close_fds=True,
-            )
-        (self.state / f"{name}.pid").write_text(f"{proc.pid}\n")
-        return True
-
     def pid(self, name: str) -> int | None:
-        """The pid of a daemon this launcher started, if it is still alive."""
-        try:
-            pid = int((self.state / f"{name}.pid").read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if b"gproc" in cmdline and not _zombie(pid) else None
-
-    def names(self) -> list[str]:
-        return sorted(p.stem for p in self.state.glob("*.pid"))
+        return self.daemons.pid(name)
 
     # ------------------------------------------------------------ commands
 
@@ -112,9 +86,10 @@ class LocalTree:
         path, created = create_key(self.settings.key)
         if created:
             say(f"created cluster key {path}")
-        if self._start("master", self._gproc("m")):
+        if self.daemons.start("master", self._gproc("m")):
             say(f"started master (log {self.state / 'master.log'})")
-        self._wait(lambda names: True, timeout, "the master")
+        if not wait_master(self.settings.uds, timeout):
+            raise GprocError(f"the master did not come up; see {self.state / 'master.log'}")
         locale = Local(
             LocaleOptions(
                 cmdport=self.settings.cmdport,
@@ -124,62 +99,29 @@ class LocalTree:
         )
         hosts = locale.hosts(low, high)
         for level in sorted({h.level for h in hosts}):
-            names = [h.name for h in hosts if h.level == level]
+            here = [h for h in hosts if h.level == level]
             started = [
-                h.name
-                for h in hosts
-                if h.level == level
-                and self._start(h.name, self._gproc("-myId", str(h.number), "s"))
+                h
+                for h in here
+                if self.daemons.start(h.name, self._gproc("-myId", str(h.number), "s"))
             ]
             say(
-                f"level {level}: started {len(started)}, already running "
-                f"{len(names) - len(started)}"
+                f"level {level}: started {len(started)}, already running {len(here) - len(started)}"
             )
-            self._wait(
-                lambda live, want=names: set(want) <= live,
-                timeout,
-                f"level {level} ({', '.join(names)})",
-                names,
-            )
+            late = wait_registered(self.settings.uds, [h.name for h in here], timeout)
+            if late:
+                raise GprocError(
+                    f"timed out after {timeout:.0f}s waiting for level {level}; not registered: "
+                    f"{', '.join(late)}; see the logs in {self.state}"
+                )
         return self.status()
-
-    def _wait(self, ready, timeout: float, what: str, names: list[str] = ()) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + timeout
-        live: set[str] = set()
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ClientError, OSError):
-                tree = fetch_tree(self.settings.uds)
-                live = {r[1] for r in tree_rows(tree) if r[4] == "up"}
-                if ready(live):
-                    return
-            time.sleep(0.05)
-        late = [n for n in names if n not in live]
-        raise GprocError(
-            f"timed out after {timeout:.0f}s waiting for {what}"
-            + (f"; not registered: {', '.join(late)}" if late else "")
-            + f"; see the logs in {self.state}"
-        )
 
     def status(self) -> str:
         return format_tree(fetch_tree(self.settings.uds))
 
     def down(self, grace: float = 5.0) -> list[str]:
         """Stop every daemon this launcher started (leaves first); returns their names."""
-        names = sorted(self.names(), key=lambda n: n == "master")
-        pids = {n: p for n in names if (p := self.pid(n)) is not None}
-        for pid in pids.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for pid in pids.values():
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for name in names:
-            (self.state / f"{name}.pid").unlink(missing_ok=True)
-        return sorted(pids)
+        return self.daemons.stop(sorted(self.daemons.names(), key=lambda n: n == "master"), grace)
 
 
 def load_settings(cmdport: int) -> Settings:
@@ -188,19 +130,3 @@ def load_settings(cmdport: int) -> Settings:
         return Settings(**json.loads((state_dir(cmdport) / "settings.json").read_text()))
     except (OSError, ValueError, TypeError):
         return Settings(cmdport=cmdport)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
