@@ -1,25 +1,30 @@
-"""``gproc-deploy``: bring a gproc tree up, show it, take it down.
+"""``gproc-deploy``: copy gproc to nodes, bring the tree up level by level, show it, stop it.
 
 With ``--locale local`` the daemons run on this machine as background processes (see
-gproc.deploy.local); that is the embedded default. Deployment over SSH to real nodes is the
-job of the SSH path, which other locales will use.
+gproc.deploy.local); that is the embedded default. Every other locale (kane, kf, etchosts, a
+topology file) reaches its nodes over SSH (see gproc.deploy.ssh); run it on the front-end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 from gproc.errors import GprocError
-
-from .local import LocalTree, Settings, load_settings
 
 EPILOG = """\
 examples:
   gproc-deploy up 1 8 --locale local     master and slaves n1..n8 on this machine
-  gproc e ./. /bin/date                  run date on all 8
-  gproc-deploy status --locale local     the tree, from the master
-  gproc-deploy down --locale local       stop everything up started
+  gproc-deploy up 1 80 --locale kane     copy gproc to kn1..kn80 over SSH and start the tree
+  gproc e ./. /bin/date                  run date on every node
+  gproc-deploy status --locale kane      the tree, from the master
+  gproc-deploy down --locale kane        stop everything up started
+
+exit status: 0 when every host is ok; 1 when any host is UNREACHABLE, FAILED or SKIPPED (or
+gproc-deploy itself failed); 2 for a usage error.
 """
 
 
@@ -27,79 +32,237 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gproc-deploy",
         epilog=EPILOG,
-        description="Bring a gproc tree up level by level, show it, take it down.",
+        description="Copy gproc to the nodes and bring its tree up level by level.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="up|status|down")
-    up = sub.add_parser("up", help="start the master and nodes LOW..HIGH, level by level")
-    up.add_argument("low", type=int, help="first node number")
-    up.add_argument("high", type=int, help="last node number")
+    sub = p.add_subparsers(dest="command", required=True, metavar="up|copy|status|down")
+    up = sub.add_parser("up", help="copy gproc, start the master and nodes LOW..HIGH by level")
+    copy = sub.add_parser("copy", help="copy the artifact and key to nodes LOW..HIGH only")
+    status = sub.add_parser("status", help="show the tree as the master sees it")
+    down = sub.add_parser("down", help="stop what up started (not running is fine)")
+    for s in (up, copy):
+        s.add_argument("low", type=int, help="first node number")
+        s.add_argument("high", type=int, help="last node number")
+    down.add_argument("low", type=int, nargs="?", help="first node number (default: all)")
+    down.add_argument("high", type=int, nargs="?", help="last node number")
+    for s in (up, down):
+        s.add_argument("--dry-run", action="store_true", help="print the plan, touch nothing")
+    for s in (up, copy, status, down):
+        _common(s)
+    for s in (up, copy, down):
+        _ssh(s)
     up.add_argument(
         "--timeout",
         type=float,
-        default=30.0,
-        help="seconds to wait for each level to register (default 30)",
+        default=None,
+        help="seconds to wait for each level to register (default 30 local, 60 ssh)",
     )
-    up.add_argument("--bin-root", default=None, help="binRoot of the nodes (default /tmp/xproc)")
-    up.add_argument("--racksize", type=int, default=None, help="nodes per rack (default 4)")
-    up.add_argument("--key", default=None, help="cluster key file (default: the user's)")
+    up.add_argument("--racksize", type=int, default=None, help="nodes per rack (local: 4)")
+    up.add_argument("--parent", default=None, help="the front-end's address, for the nodes")
     up.add_argument("--debug", type=int, default=None, help="daemon log level (default 1)")
-    sub.add_parser("status", help="show the tree as the master sees it")
-    sub.add_parser("down", help="stop every daemon up started (not running is fine)")
-    for name in ("up", "status", "down"):
-        s = sub.choices[name]
-        s.add_argument("--locale", default="local", help="topology (default local)")
-        s.add_argument("--cmdport", type=int, default=6666, help="master port (default 6666)")
-        s.add_argument("--uds", default=None, help="master's Unix socket (default /tmp/g)")
     return p
 
 
-def settings_for(args: argparse.Namespace) -> Settings:
-    """Switches given now win; the rest come from the last ``up`` on this port."""
-    s = load_settings(args.cmdport)
-    for field, value in (
-        ("uds", args.uds),
-        ("bin_root", getattr(args, "bin_root", None)),
-        ("racksize", getattr(args, "racksize", None)),
-        ("key", getattr(args, "key", None)),
-        ("debug", getattr(args, "debug", None)),
-    ):
-        if value is not None:
-            setattr(s, field, value)
-    return s
+def _common(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--locale",
+        default="local",
+        help="local, kane, kf, etchosts or a .json/.toml topology file (default local)",
+    )
+    s.add_argument("--cmdport", type=int, default=6666, help="daemons' port (default 6666)")
+    s.add_argument("--uds", default=None, help="the master's Unix socket (default /tmp/g)")
+    s.add_argument(
+        "--key",
+        default=None,
+        help="cluster key (default ~/.config/gproc/cluster.key; made if missing)",
+    )
+    s.add_argument("--bin-root", default=None, help="binRoot of the nodes (default /tmp/xproc)")
+
+
+def _ssh(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("ssh (every locale but local)")
+    g.add_argument("--user", default=None, help="remote user (default: yours, or ssh config)")
+    g.add_argument("--identity", "-i", default=None, help="private key file")
+    g.add_argument("--port", type=int, default=22, help="sshd port (default 22)")
+    g.add_argument("--parallel", type=int, default=32, help="SSH connections at once (32)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
+    g.add_argument("--command-timeout", type=float, default=60.0, help="seconds (default 60)")
+    g.add_argument(
+        "--remote-dir",
+        default="/tmp/gproc-deploy",
+        help="where the artifact, key, logs and pid files go on a node (default /tmp/gproc-deploy)",
+    )
+    g.add_argument(
+        "--accept-new-host-keys",
+        action="store_true",
+        help="trust and remember host keys not yet in known_hosts (default: refuse)",
+    )
+    g.add_argument("--known-hosts", default=None, help="default ~/.ssh/known_hosts")
+
+
+def usage(message: str) -> int:
+    print(f"gproc-deploy: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.locale != "local":
-        print(
-            f"gproc-deploy: locale {args.locale!r} needs the SSH deployer, which is not "
-            "built yet; use --locale local",
-            file=sys.stderr,
-        )
-        return 2
-    tree = LocalTree(settings_for(args))
+    low, high = getattr(args, "low", None), getattr(args, "high", None)
+    if (low is None) != (high is None) or (low is not None and not 1 <= low <= high):
+        return usage(f"bad node range {low}..{high}: give both, with 1 <= LOW <= HIGH")
     try:
-        if args.command == "up":
-            if not 1 <= args.low <= args.high:
-                print(
-                    f"gproc-deploy: bad node range {args.low}..{args.high}: need 1 <= LOW <= HIGH",
-                    file=sys.stderr,
-                )
-                return 2
-            print(tree.up(args.low, args.high, args.timeout))
-        elif args.command == "status":
-            print(tree.status())
-        else:
-            stopped = tree.down()
-            print(
-                f"stopped {len(stopped)} daemons"
-                + (f": {', '.join(stopped)}" if stopped else " (none was running)")
-            )
+        if args.locale == "local":
+            return run_local(args)
+        return run_ssh(args)
     except GprocError as e:
         print(f"gproc-deploy: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("gproc-deploy: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- local
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from .local import LocalTree, load_settings
+
+    if args.command == "copy":
+        return usage("copy is for locales reached over SSH; local needs no copy")
+    s = load_settings(args.cmdport)
+    for field, value in (
+        ("uds", args.uds),
+        ("bin_root", args.bin_root),
+        ("racksize", getattr(args, "racksize", None)),
+        ("key", args.key),
+        ("debug", getattr(args, "debug", None)),
+    ):
+        if value is not None:
+            setattr(s, field, value)
+    tree = LocalTree(s)
+    if getattr(args, "dry_run", False):
+        print(f"{args.command} the local tree on ports {s.cmdport}.. (dry run: nothing is touched)")
+        return 0
+    if args.command == "up":
+        print(tree.up(args.low, args.high, args.timeout or 30.0))
+    elif args.command == "status":
+        print(tree.status())
+    else:
+        stopped = tree.down()
+        print(
+            f"stopped {len(stopped)} daemons"
+            + (f": {', '.join(stopped)}" if stopped else " (none was running)")
+        )
     return 0
+
+
+# ---------------------------------------------------------------- ssh
+
+
+def run_ssh(args: argparse.Namespace) -> int:
+    from gproc.client import fetch_tree, format_tree
+    from gproc.keys import create_key, default_key_path
+    from gproc.locales import LocaleError, LocaleOptions, load_locale
+
+    from .remote import SshOptions
+    from .ssh import Settings, SshDeployer
+
+    uds = args.uds or "/tmp/g"
+    if args.command != "status" and not getattr(args, "dry_run", False):
+        try:
+            import fabric  # noqa: F401
+        except ImportError:
+            raise GprocError(
+                "deploying over SSH needs Fabric: pip install 'gproc[deploy]'"
+            ) from None
+    if args.command == "status":
+        print(format_tree(fetch_tree(uds)))
+        return 0
+    state = ssh_state_dir(args.locale, args.cmdport)
+    key = args.key or str(default_key_path())
+    opts = LocaleOptions(
+        cmdport=args.cmdport,
+        parent=getattr(args, "parent", None),
+        bin_root=args.bin_root or "/tmp/xproc",
+        rack_size=getattr(args, "racksize", None),
+    )
+    try:
+        locale = load_locale(args.locale, opts)
+    except LocaleError as e:
+        raise GprocError(str(e)) from None
+    settings = Settings(
+        locale=args.locale,
+        cmdport=args.cmdport,
+        uds=uds,
+        key=key,
+        parent=getattr(args, "parent", None),
+        bin_root=args.bin_root,
+        debug=getattr(args, "debug", None) or 1,
+        parallel=args.parallel,
+        register_timeout=getattr(args, "timeout", None) or 60.0,
+        ssh=SshOptions(
+            user=args.user,
+            identity=args.identity,
+            port=args.port,
+            connect_timeout=args.connect_timeout,
+            command_timeout=args.command_timeout,
+            remote_dir=args.remote_dir,
+            accept_new_host_keys=args.accept_new_host_keys,
+            known_hosts=args.known_hosts,
+        ),
+    )
+    deployer = SshDeployer(locale, settings, state)
+    low, high = args.low, args.high
+    whole = low is None
+    if whole:
+        low, high = last_range(state)
+    hosts = deployer.plan(low, high)
+    if getattr(args, "dry_run", False):
+        print(deployer.describe(hosts, args.command))
+        return 0
+    if args.command == "up":
+        path, created = create_key(key)
+        if created:
+            print(f"created cluster key {path}")
+        remember_range(state, low, high)
+        ok = deployer.up(low, high)
+        if live := _tree_or_none(uds):
+            print(live)
+    elif args.command == "copy":
+        create_key(key)
+        deployer.copy(hosts)
+        ok = deployer.report(hosts)
+    else:
+        ok = deployer.down(hosts, master_too=whole)
+    return 0 if ok else 1
+
+
+def _tree_or_none(uds: str) -> str | None:
+    from gproc.client import ClientError, fetch_tree, format_tree
+
+    try:
+        return format_tree(fetch_tree(uds))
+    except (ClientError, OSError):
+        return None
+
+
+def ssh_state_dir(locale: str, cmdport: int) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "gproc" / f"{Path(locale).stem}-{cmdport}"
+
+
+def remember_range(state: Path, low: int, high: int) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "deploy.json").write_text(json.dumps({"low": low, "high": high}))
+
+
+def last_range(state: Path) -> tuple[int, int]:
+    try:
+        saved = json.loads((state / "deploy.json").read_text())
+        return int(saved["low"]), int(saved["high"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise GprocError(f"no earlier 'up' recorded in {state}: give LOW HIGH") from None
 
 
 if __name__ == "__main__":

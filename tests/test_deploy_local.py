@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,52 @@ def test_status_without_a_tree(tmp_path: Path) -> None:
     assert r.returncode == 1 and "no master answers" in r.stderr
 
 
-def test_other_locales_are_not_yet_deployable(tmp_path: Path) -> None:
-    r = deploy(dict(os.environ), "up", "1", "80", "--locale", "kane")
-    assert r.returncode == 2 and "SSH" in r.stderr
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    r = deploy(env, "up", "1", "80", "--locale", "kane", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "level 1 (4): start, then wait for registration: kn[20,40,60,80]" in r.stdout
+    assert "level 2 (76)" in r.stdout
+    assert not (tmp_path / "state").exists()
+
+
+def test_unreachable_hosts_are_reported(tmp_path: Path) -> None:
+    """Two nodes whose sshd port refuses: each UNREACHABLE, with the reason, exit 1."""
+    port = free_port_block(1)
+    topology = tmp_path / "two.json"
+    topology.write_text(
+        json.dumps(
+            {
+                "master": {"name": "fe", "address": "127.0.0.1", "port": port},
+                "nodes": [
+                    {"name": f"t{i}", "number": i, "address": "127.0.0.1", "parent": "fe"}
+                    for i in (1, 2)
+                ],
+            }
+        )
+    )
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
+    r = deploy(
+        env,
+        "copy",
+        "1",
+        "2",
+        "--locale",
+        str(topology),
+        "--port",
+        str(port),
+        "--connect-timeout",
+        "3",
+        "--key",
+        str(tmp_path / "key"),
+    )
+    assert r.returncode == 1
+    lines = [line.split(None, 2) for line in r.stdout.splitlines() if line.startswith("t")]
+    assert [(name, state) for name, state, _ in lines] == [
+        ("t1", "UNREACHABLE"),
+        ("t2", "UNREACHABLE"),
+    ]
+    assert all("cannot connect" in why for _, _, why in lines)
+    assert "2 of 2 hosts are not ok" in r.stdout

@@ -1,0 +1,122 @@
+"""One node over SSH (Fabric over paramiko): connect with timeouts, run, upload.
+
+Failures come out as two kinds, because an operator acts on them differently: the host
+could not be reached or not trusted (:class:`Unreachable`: network, sshd, authentication,
+host key), or it was reached and something there failed (:class:`Failed`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCEPT_SWITCH = "--accept-new-host-keys"
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    user: str | None = None
+    identity: str | None = None
+    port: int = 22
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    remote_dir: str = "/tmp/gproc-deploy"
+    accept_new_host_keys: bool = False
+    known_hosts: str | None = None  # default ~/.ssh/known_hosts
+
+
+class Unreachable(Exception):
+    """The node could not be reached, or not trusted: UNREACHABLE."""
+
+
+class Failed(Exception):
+    """The node was reached but a step failed there: FAILED."""
+
+
+class Remote:
+    """An open SSH connection to one node; use as a context manager."""
+
+    def __init__(self, name: str, address: str, opts: SshOptions):
+        self.name = name
+        self.address = address
+        self.opts = opts
+        self.conn = None
+
+    def __enter__(self) -> Remote:
+        import fabric
+        import paramiko
+
+        o = self.opts
+        kwargs = {"allow_agent": False, "look_for_keys": o.identity is None}
+        if o.identity:
+            kwargs["key_filename"] = [o.identity]
+        conn = fabric.Connection(
+            self.address,
+            user=o.user,
+            port=o.port,
+            connect_timeout=int(o.connect_timeout),
+            connect_kwargs=kwargs,
+        )
+        known = o.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        if os.path.exists(known):
+            conn.client.load_host_keys(known)
+        elif o.accept_new_host_keys:
+            Path(known).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            Path(known).touch(mode=0o600)
+            conn.client.load_host_keys(known)
+        policy = paramiko.AutoAddPolicy() if o.accept_new_host_keys else paramiko.RejectPolicy()
+        conn.client.set_missing_host_key_policy(policy)
+        try:
+            conn.open()
+        except paramiko.BadHostKeyException:
+            raise Unreachable(
+                f"host key of {self.address} changed; check the node, then "
+                f"remove its old key from {known}"
+            ) from None
+        except paramiko.AuthenticationException as e:
+            raise Unreachable(f"authentication failed ({e}); check --user and --identity") from None
+        except paramiko.SSHException as e:
+            if "not found in known_hosts" in str(e):
+                raise Unreachable(
+                    f"unknown host key for {self.address} (not in {known}); "
+                    f"check it, or pass {ACCEPT_SWITCH}"
+                ) from None
+            raise Unreachable(f"ssh: {e}") from None
+        except (TimeoutError, OSError) as e:
+            raise Unreachable(
+                f"cannot connect to {self.address}:{o.port}: "
+                f"{getattr(e, 'strerror', None) or e or 'timed out'}"
+            ) from None
+        self.conn = conn
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def run(self, command: str) -> str:
+        """Run a shell command; its stdout, or Failed with the last line of its stderr."""
+        from invoke.exceptions import CommandTimedOut
+
+        try:
+            result = self.conn.run(
+                command, hide=True, warn=True, in_stream=False, timeout=self.opts.command_timeout
+            )
+        except CommandTimedOut:
+            raise Failed(f"command timed out after {self.opts.command_timeout:.0f}s") from None
+        except (OSError, EOFError) as e:
+            raise Unreachable(f"connection lost: {e}") from None
+        if result.exited != 0:
+            why = (result.stderr.strip().splitlines() or [f"exit status {result.exited}"])[-1]
+            raise Failed(why)
+        return result.stdout
+
+    def upload(self, local: Path, remote: str, mode: int) -> None:
+        """Copy a file to a temporary name, set its mode, and move it into place."""
+        tmp = f"{remote}.tmp"
+        try:
+            self.conn.put(str(local), tmp)
+        except (OSError, EOFError) as e:
+            raise Failed(f"upload of {local.name} failed: {e}") from None
+        self.run(f"chmod {mode:o} {tmp} && mv -f {tmp} {remote}")
