@@ -101,11 +101,13 @@ def base_image(client: docker.DockerClient) -> str:
         if not (_has_image(client, forced) or _try_pull(client, forced)):
             raise ImageError(f"GPROC_HARNESS_BASE={forced} is neither present nor pullable")
         return forced
-    if _has_image(client, SLIM) or _try_pull(client, SLIM):
-        return SLIM
     tag = f"{BASE_REPO}:{digest(SUITE, MIRROR, 'minbase', *BASE_INCLUDE)}"
-    if not _has_image(client, tag):
-        _debootstrap_import(tag)
+    for ref in (SLIM, tag):
+        if _has_image(client, ref):
+            return ref
+    if _try_pull(client, SLIM):
+        return SLIM
+    _debootstrap_import(tag)
     return tag
 
 

@@ -1,0 +1,155 @@
+"""``python -m harness``: bring an emulated KANE up, use it, break it, take it down.
+
+Every command finds the cluster by ``--name`` alone (labels on its containers and network),
+so a shell, a test run and a benchmark can share one cluster or clean up after each other.
+Errors are one line on stderr and an exit status: 2 for bad input, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import docker.errors
+
+from .cluster import DEFAULT_NAME, READY_TIMEOUT, Cluster, HarnessError
+from .faults import FAULTS, heal, inject
+from .images import ImageError, build_images
+from .plan import KANE_SUBNET, LOCALES, PlanError
+
+EPILOG = """\
+examples:
+  python -m harness up                        80 nodes on kane: kn1..kn80 at 10.1.30.N,
+                                              the front-end cesspool at 10.1.254.254
+  python -m harness exec -- gproc e ./. /bin/hostname
+  python -m harness exec -- gproc i           the tree as the master sees it
+  python -m harness fault kill kn20           a rack master dies (its rack is lost)
+  python -m harness heal                      restart what died, wait for all 80
+  python -m harness down                      remove every container and the network
+
+The kane and kf locales compute 10.1.x.y addresses, so the network is 10.1.0.0/16 by
+default. Where that is taken, --subnet (or GPROC_HARNESS_SUBNET) moves the cluster to another
+/16: addresses keep their last two octets and the daemons then run with an equivalent
+static topology file (/opt/gproc/topology.json) instead of the built-in locale.
+
+environment: GPROC_HARNESS_NAME (default cluster name), GPROC_HARNESS_SUBNET,
+GPROC_HARNESS_POOL (containers started at a time, 16), GPROC_HARNESS_TIMEOUT (seconds to
+wait for registration, 120), GPROC_HARNESS_BASE (base image to build on),
+GPROC_HARNESS_CACHE (wheelhouse cache), GPROC_HARNESS_MIRROR (Debian mirror for debootstrap).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="An emulated KANE cluster in Docker, running the gproc of this working tree.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--name",
+        default=os.environ.get("GPROC_HARNESS_NAME", DEFAULT_NAME),
+        help="cluster name: prefix of container names, value of their labels (%(default)s)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = sub.add_parser(
+        "up", help="replace the cluster of this name with a fresh one, wait until ready"
+    )
+    up.add_argument("--nodes", type=int, default=80, help="node containers kn1..knN (default 80)")
+    up.add_argument("--locale", choices=LOCALES, default="kane", help="topology (default kane)")
+    up.add_argument(
+        "--subnet",
+        default=os.environ.get("GPROC_HARNESS_SUBNET", KANE_SUBNET),
+        help="network for the cluster, a /16 or larger (default %(default)s)",
+    )
+    up.add_argument(
+        "--timeout", type=float, default=READY_TIMEOUT, help="seconds to wait for every daemon"
+    )
+    sub.add_parser("status", help="every host's container and tree state; exit 1 unless all up")
+    ex = sub.add_parser("exec", help="run a command on the front-end (or --node), e.g. gproc e")
+    ex.add_argument("--node", help="run on this node instead of the front-end")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command")
+    sub.add_parser("down", help="remove every container and network of the cluster")
+    fault = sub.add_parser("fault", help="inject a fault into a node (or the front-end)")
+    fault.add_argument(
+        "fault", choices=FAULTS, help="kill, stop, pause, resume, disconnect, reconnect"
+    )
+    fault.add_argument("node", help="node name (kn20) or the front-end's (cesspool)")
+    hl = sub.add_parser("heal", help="undo every fault, restart lost daemons, wait until ready")
+    hl.add_argument("nodes", nargs="*", help="only these hosts' containers (default all)")
+    sub.add_parser("reload", help="rebuild the gproc zipapp from the working tree, restart daemons")
+    sub.add_parser("images", help="build (or find) the node and front-end images, print their tags")
+    return p
+
+
+def do_status(cluster: Cluster) -> int:
+    plan = cluster.require_plan()
+    try:
+        tree = cluster.tree()
+    except HarnessError as error:
+        print(f"master: {error}", file=sys.stderr)
+        tree = {}
+    print(f"{'HOST':10} {'ADDRESS':15} {'CONTAINER':10} TREE")
+    boxes = {b.name: b.status for b in cluster.containers()}
+    hosts = [(plan.front_end, plan.front_end_address), *((n.name, n.address) for n in plan.nodes)]
+    for host, address in hosts:
+        state = boxes.get(cluster.container_name(host), "missing")
+        where = "master" if host == plan.front_end else tree.get(host, "absent")
+        print(f"{host:10} {address:15} {state:10} {where}")
+    up = sum(1 for n in plan.nodes if tree.get(n.name) == "up")
+    what = f"cluster {cluster.name!r} ({plan.locale}, run {cluster.run_id})"
+    print(f"{what}: {up} of {len(plan.nodes)} nodes up")
+    return 0 if up == len(plan.nodes) else 1
+
+
+def do_exec(cluster: Cluster, args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise PlanError("exec needs a command: python -m harness exec -- gproc i")
+    plan = cluster.require_plan()
+    host = args.node or plan.front_end
+    if host != plan.front_end:
+        plan.node(host)
+    tty = ["-it"] if sys.stdin.isatty() and sys.stdout.isatty() else []
+    return subprocess.call(["docker", "exec", *tty, cluster.container_name(host), *argv])
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "images":
+        images = build_images()
+        print(f"node {images.node}\nfrontend {images.frontend}")
+        return 0
+    cluster = Cluster(args.name)
+    if args.command == "up":
+        cluster.up(args.nodes, args.locale, args.subnet, args.timeout)
+        print(f"cluster {args.name!r} up: {args.nodes} nodes on {args.locale}")
+    elif args.command == "down":
+        print(f"removed {cluster.down()} containers of {args.name!r}")
+    elif args.command == "status":
+        return do_status(cluster.attach())
+    elif args.command == "exec":
+        return do_exec(cluster.attach(), args)
+    elif args.command == "fault":
+        inject(cluster.attach(), args.fault, args.node)
+    elif args.command == "heal":
+        heal(cluster.attach(), args.nodes or None)
+    elif args.command == "reload":
+        cluster.attach().reload()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except PlanError as error:
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+    except (HarnessError, ImageError, docker.errors.DockerException) as error:
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,377 @@
+"""An emulated KANE: a front-end container and node containers running real gproc daemons.
+
+A cluster is found again by its name alone: every container and its network carry the labels
+``gproc.harness.cluster`` (the name) and ``gproc.harness.run`` (one id per ``up``), and the
+network's labels also hold the locale and node count, so ``status``, ``exec``, ``fault`` and
+``down`` need no state file and can clean up after a crashed run.
+
+Daemons are started with ``docker exec`` in containers that just sleep, so a daemon can be
+restarted (a rack master's children exit when it goes away) without recreating anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from gproc.deploy.artifact import build_zipapp
+
+from .images import Images, build_images, say
+from .plan import KANE_SUBNET, Node, Plan, PlanError, make_plan
+
+LABEL = "gproc.harness"
+CLUSTER, RUN, ROLE = f"{LABEL}.cluster", f"{LABEL}.run", f"{LABEL}.role"
+LOCALE, COUNT = f"{LABEL}.locale", f"{LABEL}.nodes"
+KEY = "/etc/gproc/cluster.key"
+PIDFILE, LOGFILE = "/run/gproc.pid", "/var/log/gproc.log"
+DEFAULT_NAME = "gproc"
+POOL = int(os.environ.get("GPROC_HARNESS_POOL", "16"))
+READY_TIMEOUT = float(os.environ.get("GPROC_HARNESS_TIMEOUT", "120"))
+# The pid file names a gproc daemon only if that pid's command line says so: a pid can be
+# reused, and killing the container's `sleep` would stop the whole node.
+_IS_DAEMON = f"p=$(cat {PIDFILE} 2>/dev/null) && grep -q gproc /proc/$p/cmdline 2>/dev/null"
+_STOP_DAEMON = (
+    f"if {_IS_DAEMON}; then kill $p; i=0; "
+    "while kill -0 $p 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; "
+    "kill -9 $p 2>/dev/null; fi"
+)
+_INFO_ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(up|lost)\s*$")
+
+
+class HarnessError(RuntimeError):
+    """The cluster cannot do what was asked; the message says what is wrong and what to do."""
+
+
+@dataclass
+class Result:
+    """What a command run in a container gave back."""
+
+    status: int
+    out: str
+    err: str
+
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+
+def docker_client() -> docker.DockerClient:
+    """A client with a connection pool as large as our thread pool, or a clear error."""
+    try:
+        client = docker.from_env(max_pool_size=POOL + 4, timeout=120)
+        client.ping()
+    except docker.errors.DockerException as error:
+        raise HarnessError(f"no Docker engine reachable: {error}") from None
+    return client
+
+
+def run_dir(name: str) -> Path:
+    """Host directory holding the cluster's zipapp and key (mounted into every container)."""
+    base = Path(os.environ.get("GPROC_HARNESS_RUNDIR", tempfile.gettempdir()))
+    return base / f"gproc-harness-{name}"
+
+
+class Cluster:
+    """One named cluster; ``up`` creates it, any other method works on what exists."""
+
+    def __init__(self, name: str = DEFAULT_NAME, client: docker.DockerClient | None = None):
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", name):
+            raise PlanError(f"bad cluster name {name!r}: letters, digits, '_', '.', '-'")
+        self.name = name
+        self.client = client or docker_client()
+        self.plan: Plan | None = None
+        self.run_id = ""
+
+    # ------------------------------------------------------------------ names and lookup
+
+    def container_name(self, host: str) -> str:
+        return f"{self.name}-{host}"
+
+    @property
+    def network_name(self) -> str:
+        return f"{self.name}-net"
+
+    def labels(self, role: str) -> dict[str, str]:
+        return {CLUSTER: self.name, RUN: self.run_id, ROLE: role}
+
+    def containers(self) -> list[Container]:
+        """Every container of this cluster, whatever its run or state."""
+        return self.client.containers.list(all=True, filters={"label": f"{CLUSTER}={self.name}"})
+
+    def container(self, host: str) -> Container:
+        try:
+            return self.client.containers.get(self.container_name(host))
+        except docker.errors.NotFound:
+            raise HarnessError(f"no container for {host} in cluster {self.name!r}") from None
+
+    def attach(self) -> Cluster:
+        """Load the plan of a running cluster from its network's labels."""
+        nets = self.client.networks.list(filters={"label": f"{CLUSTER}={self.name}"})
+        if not nets:
+            raise HarnessError(f"no cluster {self.name!r}: start it with python -m harness up")
+        labels = nets[0].attrs["Labels"]
+        subnet = nets[0].attrs["IPAM"]["Config"][0]["Subnet"]
+        self.plan = make_plan(labels[LOCALE], int(labels[COUNT]), subnet)
+        self.run_id = labels[RUN]
+        return self
+
+    def require_plan(self) -> Plan:
+        if self.plan is None:
+            self.attach()
+        assert self.plan is not None
+        return self.plan
+
+    # ------------------------------------------------------------------ up and down
+
+    def up(
+        self,
+        nodes: int = 80,
+        locale: str = "kane",
+        subnet: str = KANE_SUBNET,
+        timeout: float = READY_TIMEOUT,
+    ) -> Cluster:
+        """Replace any cluster of this name with a fresh one whose every daemon registered."""
+        self.plan = make_plan(locale, nodes, subnet)
+        self.down(quiet=True)
+        self.run_id = uuid.uuid4().hex[:12]
+        try:
+            images = build_images(self.client)
+            self._prepare_run_dir()
+            self._create_network()
+            self._create_containers(images)
+            self.start_daemons(timeout=timeout)
+        except BaseException:
+            say(f"up of {self.name!r} failed; removing what was created")
+            self.down(quiet=True)
+            raise
+        return self
+
+    def _prepare_run_dir(self) -> None:
+        """Build the zipapp of the working tree and a fresh cluster key (mode 0600)."""
+        plan = self.require_plan()
+        where = run_dir(self.name)
+        shutil.rmtree(where, ignore_errors=True)
+        (where / "opt").mkdir(parents=True)
+        self.build_code()
+        key = where / "cluster.key"
+        proc = subprocess.run(
+            [sys.executable, "-m", "gproc", "-key", str(key), "k"], capture_output=True, text=True
+        )
+        if proc.returncode != 0 or key.stat().st_mode & 0o077:
+            raise HarnessError(f"cannot create the cluster key {key}: {proc.stderr.strip()}")
+        if plan.translated:
+            (where / "opt" / "topology.json").write_text(plan.topology())
+
+    def build_code(self) -> str:
+        """(Re)build the working tree's zipapp into the directory every container mounts."""
+        _, sha = build_zipapp(run_dir(self.name) / "opt" / "gproc.pyz")
+        say(f"gproc zipapp {sha[:12]} of the working tree")
+        return sha
+
+    def reload(self, timeout: float = READY_TIMEOUT) -> None:
+        """New gproc code without new containers: rebuild the zipapp, restart every daemon."""
+        self.require_plan()
+        self.build_code()
+        self.start_daemons(timeout=timeout)
+
+    def _create_network(self) -> None:
+        plan = self.require_plan()
+        pool = docker.types.IPAMPool(subnet=plan.subnet, gateway=plan.gateway)
+        labels = self.labels("network") | {LOCALE: plan.locale, COUNT: str(len(plan.nodes))}
+        try:
+            self.client.networks.create(
+                self.network_name,
+                driver="bridge",
+                ipam=docker.types.IPAMConfig(pool_configs=[pool]),
+                labels=labels,
+            )
+        except docker.errors.APIError as error:
+            hint = ""
+            if "overlap" in str(error):
+                hint = (
+                    f"; another network uses {plan.subnet} (docker network ls; "
+                    "python -m harness down --name OTHER, or give --subnet)"
+                )
+            raise HarnessError(
+                f"cannot create network {self.network_name}: {error}{hint}"
+            ) from None
+
+    def mounts(self, key: Path | None = None) -> dict[str, dict[str, str]]:
+        """The code directory (zipapp, topology file) and the key, read-only.
+
+        The directory, not the zipapp file, is mounted: a rebuilt zipapp is a new file, which
+        a file mount would not show, and ``reload`` relies on seeing it.
+        """
+        where = run_dir(self.name)
+        return {
+            str(where / "opt"): {"bind": "/opt/gproc", "mode": "ro"},
+            str(key or where / "cluster.key"): {"bind": KEY, "mode": "ro"},
+        }
+
+    def create_container(
+        self, image: str, host: str, address: str, role: str, key: Path | None = None
+    ) -> Container:
+        """One container at a fixed address, with what private mounts need (module doc)."""
+        endpoint = self.client.api.create_endpoint_config(ipv4_address=address)
+        return self.client.containers.run(
+            image,
+            name=self.container_name(host),
+            hostname=host,
+            detach=True,
+            init=True,
+            cap_add=["SYS_ADMIN"],
+            security_opt=["apparmor=unconfined"],
+            labels=self.labels(role),
+            network=self.network_name,
+            networking_config={self.network_name: endpoint},
+            volumes=self.mounts(key),
+            # tmpfs: jobs' files skip the slow fuse-overlayfs, and the pid file goes with a
+            # restart (a stale pid could name another process of the restarted container).
+            tmpfs={"/tmp": "rw,exec,nosuid,nodev,size=512m", "/run": "rw,size=16m"},
+            log_config={"type": "none"},
+        )
+
+    def _create_containers(self, images: Images) -> None:
+        plan = self.require_plan()
+        say(f"starting {plan.front_end} and {len(plan.nodes)} nodes ({POOL} at a time)")
+        self.create_container(images.frontend, plan.front_end, plan.front_end_address, "frontend")
+        self.pool(
+            lambda n: self.create_container(images.node, n.name, n.address, "node"), plan.nodes
+        )
+
+    def down(self, quiet: bool = False) -> int:
+        """Remove every container and network of this cluster (healing paused ones first)."""
+        found = self.containers()
+        if found and not quiet:
+            say(f"removing {len(found)} containers of {self.name!r}")
+        self.pool(_remove, found)
+        for net in self.client.networks.list(filters={"label": f"{CLUSTER}={self.name}"}):
+            with contextlib.suppress(docker.errors.NotFound):
+                net.remove()
+        shutil.rmtree(run_dir(self.name), ignore_errors=True)
+        return len(found)
+
+    # ------------------------------------------------------------------ daemons
+
+    def daemon_argv(self, mode: str) -> list[str]:
+        plan = self.require_plan()
+        return ["gproc", "-locale", plan.daemon_locale(), "-key", KEY, "-debug", "1", mode]
+
+    def start_daemon(self, host: str, mode: str = "s") -> None:
+        """Start ``gproc m|s`` detached in ``host``, replacing a daemon already running."""
+        argv = " ".join(shlex.quote(a) for a in self.daemon_argv(mode))
+        script = f"{_STOP_DAEMON}; echo $$ > {PIDFILE}; exec {argv} >>{LOGFILE} 2>&1"
+        self.container(host).exec_run(["sh", "-c", script], detach=True)
+
+    def daemon_alive(self, host: str) -> bool:
+        try:
+            box = self.container(host)
+            if box.status != "running":
+                return False
+            code, _ = box.exec_run(["sh", "-c", _IS_DAEMON])
+        except (docker.errors.APIError, HarnessError):
+            return False
+        return code == 0
+
+    def start_daemons(
+        self, only: Iterable[str] | None = None, timeout: float = READY_TIMEOUT
+    ) -> None:
+        """Master first if asked, then each level of nodes once the level above registered."""
+        plan = self.require_plan()
+        wanted = set(only) if only is not None else {plan.front_end, *(n.name for n in plan.nodes)}
+        t0 = time.monotonic()
+        if plan.front_end in wanted:
+            self.start_daemon(plan.front_end, "m")
+            self.wait_master(timeout)
+        for level in plan.levels():
+            todo = [n for n in level if n.name in wanted]
+            self.pool(lambda n: self.start_daemon(n.name), todo)
+            self.wait_ready([n.name for n in level], timeout - (time.monotonic() - t0))
+        say(f"{self.name!r}: {len(plan.nodes)} nodes registered in {time.monotonic() - t0:.1f}s")
+
+    def wait_master(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.exec(["gproc", "i"], timeout=20).status != 0:
+            if time.monotonic() > deadline:
+                log = self.exec(["tail", "-5", LOGFILE]).out
+                raise HarnessError(f"the master did not come up in {timeout:.0f}s:\n{log}")
+            time.sleep(0.3)
+
+    def tree(self) -> dict[str, str]:
+        """Node name -> state (up or lost) as the master's ``gproc i`` shows it."""
+        res = self.exec(["gproc", "i"], timeout=30)
+        if res.status != 0:
+            raise HarnessError(f"gproc i failed (exit {res.status}): {res.err.strip()}")
+        rows = (_INFO_ROW.match(line) for line in res.lines()[2:])
+        return {m.group(2): m.group(5) for m in rows if m}
+
+    def wait_ready(
+        self, names: Iterable[str] | None = None, timeout: float = READY_TIMEOUT
+    ) -> None:
+        """Block until every named node shows up in ``gproc i``; else name the missing."""
+        plan = self.require_plan()
+        names = list(names) if names is not None else [n.name for n in plan.nodes]
+        deadline = time.monotonic() + max(timeout, 1)
+        while True:
+            tree = self.tree()
+            missing = [n for n in names if tree.get(n) != "up"]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"{len(missing)} of {len(names)} nodes did not register within "
+                    f"{timeout:.0f}s: {', '.join(missing)}"
+                )
+            time.sleep(0.5)
+
+    # ------------------------------------------------------------------ running things
+
+    def exec(
+        self, argv: list[str], host: str | None = None, timeout: float = 300, workdir: str = "/"
+    ) -> Result:
+        """Run ``argv`` in a container (the front-end by default) and collect its output."""
+        host = host or self.require_plan().front_end
+        cmd = ["docker", "exec", "-w", workdir, self.container_name(host), *argv]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            raise HarnessError(f"{shlex.join(argv)} on {host} took over {timeout:.0f}s") from error
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def on_nodes(self, argv: list[str], names: Iterable[str] | None = None) -> dict[str, Result]:
+        """Run ``argv`` on each node directly (not through gproc): the ground truth."""
+        plan = self.require_plan()
+        names = list(names) if names is not None else [n.name for n in plan.nodes]
+        results = self.pool(lambda n: self.exec(argv, host=n, timeout=60), names)
+        return dict(zip(names, results, strict=True))
+
+    def pool(self, fn: Callable, items: Iterable) -> list:
+        """Apply ``fn`` in a bounded pool, re-raising the first failure."""
+        with ThreadPoolExecutor(max_workers=POOL) as ex:
+            return list(ex.map(fn, items))
+
+    def node(self, name: str) -> Node:
+        return self.require_plan().node(name)
+
+
+def _remove(box: Container) -> None:
+    """Remove one container; a paused one is resumed first (paused ones resist rm -f)."""
+    with contextlib.suppress(docker.errors.NotFound):
+        if box.status == "paused":
+            box.unpause()
+        box.remove(force=True)
