@@ -28,6 +28,7 @@ from pathlib import Path
 
 import docker
 import docker.errors
+import docker.models.networks
 from docker.models.containers import Container
 
 from gproc.deploy.artifact import build_zipapp
@@ -37,7 +38,7 @@ from .plan import KANE_SUBNET, Node, Plan, PlanError, make_plan
 
 LABEL = "gproc.harness"
 CLUSTER, RUN, ROLE = f"{LABEL}.cluster", f"{LABEL}.run", f"{LABEL}.role"
-LOCALE, COUNT = f"{LABEL}.locale", f"{LABEL}.nodes"
+LOCALE, COUNT, SUBNET = f"{LABEL}.locale", f"{LABEL}.nodes", f"{LABEL}.subnet"
 KEY = "/etc/gproc/cluster.key"
 PIDFILE, LOGFILE = "/run/gproc.pid", "/var/log/gproc.log"
 DEFAULT_NAME = "gproc"
@@ -107,7 +108,12 @@ class Cluster:
         return f"{self.name}-net"
 
     def labels(self, role: str) -> dict[str, str]:
-        return {CLUSTER: self.name, RUN: self.run_id, ROLE: role}
+        """Every object gets name, run and role; the front-end also what ``attach`` needs."""
+        labels = {CLUSTER: self.name, RUN: self.run_id, ROLE: role}
+        if role == "frontend":
+            plan = self.require_plan()
+            labels |= {LOCALE: plan.locale, COUNT: str(len(plan.nodes)), SUBNET: plan.subnet}
+        return labels
 
     def containers(self) -> list[Container]:
         """Every container of this cluster, whatever its run or state."""
@@ -120,13 +126,14 @@ class Cluster:
             raise HarnessError(f"no container for {host} in cluster {self.name!r}") from None
 
     def attach(self) -> Cluster:
-        """Load the plan of a running cluster from its network's labels."""
-        nets = self.client.networks.list(filters={"label": f"{CLUSTER}={self.name}"})
-        if not nets:
+        """Load the plan of a running cluster from its front-end container's labels."""
+        found = self.client.containers.list(
+            all=True, filters={"label": [f"{CLUSTER}={self.name}", f"{ROLE}=frontend"]}
+        )
+        if not found:
             raise HarnessError(f"no cluster {self.name!r}: start it with python -m harness up")
-        labels = nets[0].attrs["Labels"]
-        subnet = nets[0].attrs["IPAM"]["Config"][0]["Subnet"]
-        self.plan = make_plan(labels[LOCALE], int(labels[COUNT]), subnet)
+        labels = found[0].labels
+        self.plan = make_plan(labels[LOCALE], int(labels[COUNT]), labels[SUBNET])
         self.run_id = labels[RUN]
         return self
 
@@ -177,6 +184,18 @@ class Cluster:
         if plan.translated:
             (where / "opt" / "topology.json").write_text(plan.topology())
 
+    def switch_locale(self, locale: str, timeout: float = READY_TIMEOUT) -> None:
+        """Restart every daemon with another locale (kane <-> kf): same containers, addresses.
+
+        Only the daemons differ between a kane and a kf cluster, so this is the cheap way to
+        test both on 80 nodes. The network's labels keep the locale ``up`` was given.
+        """
+        plan = self.require_plan()
+        self.plan = make_plan(locale, len(plan.nodes), plan.subnet)
+        if self.plan.translated:
+            (run_dir(self.name) / "opt" / "topology.json").write_text(self.plan.topology())
+        self.start_daemons(timeout=timeout)
+
     def build_code(self) -> str:
         """(Re)build the working tree's zipapp into the directory every container mounts."""
         _, sha = build_zipapp(run_dir(self.name) / "opt" / "gproc.pyz")
@@ -192,7 +211,9 @@ class Cluster:
     def _create_network(self) -> None:
         plan = self.require_plan()
         pool = docker.types.IPAMPool(subnet=plan.subnet, gateway=plan.gateway)
-        labels = self.labels("network") | {LOCALE: plan.locale, COUNT: str(len(plan.nodes))}
+        labels = self.labels("network")
+        if self._adopt_network():
+            return
         try:
             self.client.networks.create(
                 self.network_name,
@@ -210,6 +231,18 @@ class Cluster:
             raise HarnessError(
                 f"cannot create network {self.network_name}: {error}{hint}"
             ) from None
+
+    def _adopt_network(self) -> bool:
+        """Reuse our own network when the engine refused to remove it (see ``down``)."""
+        try:
+            net = self.client.networks.get(self.network_name)
+        except docker.errors.NotFound:
+            return False
+        subnet = net.attrs["IPAM"]["Config"][0]["Subnet"]
+        if net.attrs["Labels"].get(CLUSTER) != self.name or subnet != self.require_plan().subnet:
+            raise HarnessError(f"network {self.network_name} exists and is not ours to reuse")
+        say(f"reusing network {self.network_name}: the engine could not remove it (module doc)")
+        return True
 
     def mounts(self, key: Path | None = None) -> dict[str, dict[str, str]]:
         """The code directory (zipapp, topology file) and the key, read-only.
@@ -259,10 +292,15 @@ class Cluster:
         found = self.containers()
         if found and not quiet:
             say(f"removing {len(found)} containers of {self.name!r}")
+        self.pool(_stop, found)
+        nets = self.client.networks.list(filters={"label": f"{CLUSTER}={self.name}"})
+        for net in nets:  # one at a time: see _remove_network
+            for box in found:
+                with contextlib.suppress(docker.errors.APIError):
+                    net.disconnect(box, force=True)
         self.pool(_remove, found)
-        for net in self.client.networks.list(filters={"label": f"{CLUSTER}={self.name}"}):
-            with contextlib.suppress(docker.errors.NotFound):
-                net.remove()
+        for net in nets:
+            _remove_network(net)
         shutil.rmtree(run_dir(self.name), ignore_errors=True)
         return len(found)
 
@@ -369,9 +407,42 @@ class Cluster:
         return self.require_plan().node(name)
 
 
+def _stop(box: Container) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        if box.status == "paused":
+            box.unpause()
+        if box.status in ("running", "paused"):
+            box.kill()
+
+
 def _remove(box: Container) -> None:
     """Remove one container; a paused one is resumed first (paused ones resist rm -f)."""
     with contextlib.suppress(docker.errors.NotFound):
         if box.status == "paused":
             box.unpause()
         box.remove(force=True)
+
+
+def _remove_network(net: docker.models.networks.Network, patience: float = 10) -> None:
+    """Remove a network; the engine frees the endpoints of removed containers a bit later.
+
+    Docker 20.10 was seen (here, after 81 containers were force-removed in parallel) to keep
+    a network's endpoint count above zero with no endpoint left: "has active endpoints"
+    forever, until dockerd restarts. ``down`` now detaches containers one by one before
+    removing them; a network still stuck is left in place, reported, and reused by the
+    next ``up`` of the same cluster (``_adopt_network``), so the subnet stays usable.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            net.remove()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as error:
+            if "active endpoints" not in str(error):
+                raise HarnessError(f"cannot remove network {net.name}: {error}") from None
+            if time.monotonic() > deadline:
+                say(f"the engine keeps network {net.name} (stale endpoint count); left in place")
+                return
+            time.sleep(0.5)
