@@ -17,7 +17,7 @@ import docker.errors
 from .cluster import DEFAULT_NAME, READY_TIMEOUT, Cluster, HarnessError
 from .faults import FAULTS, heal, inject
 from .images import ImageError, build_images
-from .plan import KANE_SUBNET, LOCALES, PlanError
+from .plan import KANE_SUBNET, LOCALES, PlanError, make_plan
 
 EPILOG = """\
 examples:
@@ -121,6 +121,8 @@ def dispatch(args: argparse.Namespace) -> int:
         images = build_images()
         print(f"node {images.node}\nfrontend {images.frontend}")
         return 0
+    if args.command == "up":
+        make_plan(args.locale, args.nodes, args.subnet)  # bad input fails before Docker is asked
     cluster = Cluster(args.name)
     if args.command == "up":
         cluster.up(args.nodes, args.locale, args.subnet, args.timeout)

@@ -35,12 +35,14 @@ from filelock import FileLock
 
 from harness.cluster import Cluster, HarnessError, docker_client
 from harness.faults import heal
+from harness.plan import KANE_SUBNET
 
 SESSION_ENV = "GPROC_HARNESS_SESSION"
 # The same default name as the CLI: only one KANE fits on 10.1.0.0/16, so a test run
 # replaces a cluster left up by hand rather than failing on the taken subnet.
 NAME = os.environ.get("GPROC_HARNESS_TEST_NAME", "gproc")
 NODES = 80
+SUBNET = os.environ.get("GPROC_HARNESS_SUBNET", KANE_SUBNET)  # see README: another /16 works
 SETUP_TIMEOUT = 900  # first test: may debootstrap and build the images, then bring 81 up
 
 
@@ -125,14 +127,14 @@ def cluster_handle() -> Cluster:
     try:
         client = docker_client()
     except HarnessError as error:
-        pytest.skip(f"no Docker engine reachable, the harness needs one: {error}")
+        pytest.skip(f"{error} (the harness tests need a Docker engine)")
 
     def ensure(state: dict) -> None:
         if state.get("status") == "failed":
             return
         if state.get("status") != "up":
             try:
-                Cluster(NAME, client).up(nodes=NODES, locale="kane")
+                Cluster(NAME, client).up(nodes=NODES, locale="kane", subnet=SUBNET)
             except Exception as error:
                 state.update(status="failed", reason=f"{type(error).__name__}: {error}")
                 return
