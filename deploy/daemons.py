@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import gproc
 from gproc.client import ClientError, fetch_tree, tree_rows
 
 
@@ -36,6 +37,7 @@ class LocalDaemons:
                 stderr=log,
                 start_new_session=True,
                 close_fds=True,
+                env=with_gproc_on_path(os.environ),
             )
         (self.state / f"{name}.pid").write_text(f"{proc.pid}\n")
         return True
@@ -69,6 +71,17 @@ class LocalDaemons:
         for name in names:
             (self.state / f"{name}.pid").unlink(missing_ok=True)
         return sorted(pids)
+
+
+def with_gproc_on_path(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment for ``python -m gproc``, finding the very gproc running now.
+
+    This process may have gproc from a zipapp or a checkout that a child's sys.path would not
+    show (the front-end's gproc-deploy wrapper imports it from gproc.pyz).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gproc.__file__)))
+    paths = [root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def live_nodes(uds: str) -> set[str] | None:
