@@ -115,7 +115,7 @@ class Printer:
         for node, reason in self.lost.items():
             by_reason[reason].append(node)
         lines += [f"gproc: lost {fold(nodes)}: {reason}" for reason, nodes in by_reason.items()]
-        lines += [f"gproc: unreachable: no live node with {what}" for what in self.unreachable]
+        lines += [f"gproc: unreachable: {what}" for what in self.unreachable]
         if lines:
             self.err.write("".join(line + "\n" for line in lines).encode())
             self.err.flush()

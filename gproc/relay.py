@@ -57,11 +57,19 @@ def expand(spec: nodespec.Spec, trees: list[Tree]) -> list[str]:
 
 
 def unreachable(spec: nodespec.Spec, trees: list[Tree], where: str) -> list[str]:
-    """Human descriptions of ids that ``spec`` names but no live node answers to."""
-    live = {t["id"]: t for t in trees if t.get("state") == "up"}
-    out = [f"id {i} under {where}" for i in nodespec.missing(spec, live)]
-    for node_id, sub in sorted(nodespec.select(spec, live).items()):
-        out.extend(unreachable(sub, live[node_id]["children"], live[node_id]["name"]))
+    """What ``spec`` selects that cannot run: known nodes that were lost, ids nobody has.
+
+    A lost node stays in its parent's tree (state "lost") until it registers again, so a
+    spec like ``1/.`` names it instead of quietly running on the nodes that are left.
+    """
+    known = {t["id"]: t for t in trees}
+    out = [f"id {i} under {where} (no such node)" for i in nodespec.missing(spec, known)]
+    for node_id, sub in sorted(nodespec.select(spec, known).items()):
+        tree = known[node_id]
+        if tree.get("state") != "up":
+            out.append(f"{tree['name']} ({tree.get('state')})")
+        else:
+            out.extend(unreachable(sub, tree["children"], tree["name"]))
     return out
 
 

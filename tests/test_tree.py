@@ -96,7 +96,7 @@ def test_spec_selecting_nothing_live(tree: Tree) -> None:
 def test_unreachable_ids_are_reported(tree: Tree) -> None:
     r = tree.gproc("e", "1-3", "/bin/true")
     assert r.returncode == 255
-    assert "no live node with id 3 under master" in r.stderr
+    assert "unreachable: id 3 under master (no such node)" in r.stderr
 
 
 def test_info_shows_the_whole_tree(tree: Tree) -> None:
@@ -169,6 +169,10 @@ def test_killed_slave_is_reported_lost(own_tree: Tree) -> None:
     assert "lost n6" in err
     finished = labelled(out)
     assert sorted(finished) == sorted(n for n in ALL if n != "n6")
+    after = own_tree.gproc("e", "2/.", "/bin/true")
+    assert after.returncode == 255, "a lost node that the spec covers is not skipped silently"
+    assert "unreachable: n6 (lost)" in after.stderr
+    assert own_tree.gproc("e", "2/1,2/3", "/bin/true").returncode == 0
 
 
 def test_killed_rack_master_loses_its_rack(own_tree: Tree) -> None:
