@@ -18,6 +18,9 @@ from pathlib import Path
 
 import gproc
 from gproc.client import ClientError, fetch_tree, tree_rows
+from gproc.errors import GprocError
+from gproc.locales import Host
+from gproc.wire import Tree
 
 
 class LocalDaemons:
@@ -49,7 +52,37 @@ class LocalDaemons:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if b"gproc" in cmdline and not _zombie(pid) else None
+        # an empty command line is a process in the middle of its exec; another command
+        # line is a pid the kernel has handed to someone else since
+        return pid if (not cmdline or b"gproc" in cmdline) and not _zombie(pid) else None
+
+    def start_master(self, argv: list[str], uds: str, port: int, timeout: float) -> bool:
+        """Start the master unless one of ours runs, and wait until it answers on ``uds``.
+
+        True when it was started now. A master that dies on the way (the port or the socket
+        taken, a bad key) is an error quoting the end of its log, and so is another master
+        (serving children on another port) answering on ``uds``.
+        """
+        started = self.start("master", argv)
+        deadline = time.monotonic() + timeout
+        while True:
+            tree = _tree_or_none(uds)
+            if tree is not None and not str(tree.get("addr", "")).endswith(f":{port}"):
+                raise GprocError(
+                    f"another master (children on {tree.get('addr')}) answers on "
+                    f"{uds}: stop it, or give another socket"
+                )
+            if tree is not None:
+                return started
+            if self.pid("master") is None:
+                tail = (self.state / "master.log").read_text(errors="replace").splitlines()[-3:]
+                raise GprocError("the master exited at once: " + " / ".join(tail))
+            if time.monotonic() >= deadline:
+                raise GprocError(
+                    f"the master does not answer on {uds} after {timeout:.0f}s; "
+                    f"see {self.state / 'master.log'}"
+                )
+            time.sleep(0.05)
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.state.glob("*.pid"))
@@ -84,11 +117,27 @@ def with_gproc_on_path(env: Mapping[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def orphans(hosts: Iterable[Host], master: str, live: set[str]) -> dict[str, str]:
+    """Hosts whose parent is neither the master, nor in ``hosts``, nor running: host -> parent.
+
+    Such a node would retry its parent forever; better to say so before starting it.
+    """
+    hosts = list(hosts)
+    present = {h.name for h in hosts} | live | {master}
+    return {h.name: h.parent for h in hosts if h.parent not in present}
+
+
+def _tree_or_none(uds: str) -> Tree | None:
+    try:
+        return fetch_tree(uds)
+    except (ClientError, OSError):
+        return None
+
+
 def live_nodes(uds: str) -> set[str] | None:
     """Names of the nodes the master shows up, or None when no master answers."""
-    try:
-        tree = fetch_tree(uds)
-    except (ClientError, OSError):
+    tree = _tree_or_none(uds)
+    if tree is None:
         return None
     return {row[1] for row in tree_rows(tree)[1:] if row[4] == "up"}
 
@@ -105,15 +154,6 @@ def wait_registered(uds: str, names: Iterable[str], timeout: float) -> list[str]
         if time.monotonic() >= deadline:
             return missing
         time.sleep(0.05)
-
-
-def wait_master(uds: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while live_nodes(uds) is None:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _alive(pid: int) -> bool:

@@ -20,8 +20,9 @@ from gproc.errors import GprocError
 from gproc.keys import create_key
 from gproc.locales import LocaleOptions
 from gproc.locales.local import Local
+from gproc.nodespec import fold
 
-from .daemons import LocalDaemons, wait_master, wait_registered
+from .daemons import LocalDaemons, live_nodes, orphans, wait_registered
 
 
 @dataclass
@@ -86,10 +87,10 @@ class LocalTree:
         path, created = create_key(self.settings.key)
         if created:
             say(f"created cluster key {path}")
-        if self.daemons.start("master", self._gproc("m")):
+        if self.daemons.start_master(
+            self._gproc("m"), self.settings.uds, self.settings.cmdport, timeout
+        ):
             say(f"started master (log {self.state / 'master.log'})")
-        if not wait_master(self.settings.uds, timeout):
-            raise GprocError(f"the master did not come up; see {self.state / 'master.log'}")
         locale = Local(
             LocaleOptions(
                 cmdport=self.settings.cmdport,
@@ -98,6 +99,12 @@ class LocalTree:
             )
         )
         hosts = locale.hosts(low, high)
+        lonely = orphans(hosts, locale.master_name(), live_nodes(self.settings.uds) or set())
+        if lonely:
+            raise GprocError(
+                f"{fold(lonely)} hang below {fold(set(lonely.values()))}, which is neither in "
+                f"{low}..{high} nor running: include it, or choose another --racksize"
+            )
         for level in sorted({h.level for h in hosts}):
             here = [h for h in hosts if h.level == level]
             started = [

@@ -24,7 +24,7 @@ from gproc.locales import Host, Locale
 from gproc.nodespec import fold
 
 from .artifact import build_zipapp
-from .daemons import LocalDaemons, wait_master, wait_registered
+from .daemons import LocalDaemons, live_nodes, orphans, wait_registered
 from .remote import Failed, Remote, SshOptions, Unreachable
 
 OK, UNREACHABLE, FAILED, SKIPPED = "ok", "UNREACHABLE", "FAILED", "SKIPPED"
@@ -177,12 +177,10 @@ class SshDeployer:
         self.digest = digest
 
     def start_master(self) -> None:
-        if self.daemons.start("master", self.master_argv()):
+        if self.daemons.start_master(self.master_argv(), self.s.uds, self.s.cmdport, 30):
             self.say(f"started the master (log {self.state / 'master.log'})")
         else:
             self.say("the master is already running")
-        if not wait_master(self.s.uds, 30):
-            raise Failed(f"the master did not come up; see {self.state / 'master.log'}")
 
     def master_argv(self) -> list[str]:
         switches = self._switches(self.s.key, self.s.locale)
@@ -199,6 +197,11 @@ class SshDeployer:
 
     def start_levels(self, hosts: list[Host]) -> None:
         """Start level by level; a level's hosts whose parent failed are SKIPPED."""
+        lonely = orphans(hosts, self.locale.master_name(), live_nodes(self.s.uds) or set())
+        for name, parent in lonely.items():
+            self.results[name] = Result(
+                SKIPPED, f"its parent {parent} is neither in this range nor running"
+            )
         for level in sorted({h.level for h in hosts}):
             here = [h for h in hosts if h.level == level]
             runnable = []

@@ -42,20 +42,23 @@ def test_up_status_down_twice(tmp_path: Path) -> None:
         "--bin-root",
         str(tmp_path / "xproc"),
     ]
-    for _ in range(2):
-        r = deploy(env, *up)
-        assert r.returncode == 0, r.stderr
-        assert "8 nodes below master: 8 up, 0 lost" in r.stdout
-        again = deploy(env, *up)
-        assert "started 0, already running 2" in again.stdout
-        assert len(daemons(port)) == 9
-        status = deploy(env, "status", *common)
-        assert status.returncode == 0 and "n8" in status.stdout
-        r = deploy(env, "down", *common)
-        assert r.returncode == 0 and "stopped 9 daemons" in r.stdout
-        assert daemons(port) == []
-        r = deploy(env, "down", *common)
-        assert r.returncode == 0 and "none was running" in r.stdout
+    try:
+        for _ in range(2):
+            r = deploy(env, *up)
+            assert r.returncode == 0, r.stderr
+            assert "8 nodes below master: 8 up, 0 lost" in r.stdout
+            again = deploy(env, *up)
+            assert "started 0, already running 2" in again.stdout
+            assert len(daemons(port)) == 9
+            status = deploy(env, "status", *common)
+            assert status.returncode == 0 and "n8" in status.stdout
+            r = deploy(env, "down", *common)
+            assert r.returncode == 0 and "stopped 9 daemons" in r.stdout
+            assert daemons(port) == []
+            r = deploy(env, "down", *common)
+            assert r.returncode == 0 and "none was running" in r.stdout
+    finally:
+        deploy(env, "down", *common)
     assert (tmp_path / "config" / "gproc" / "cluster.key").stat().st_mode & 0o777 == 0o600
 
 
@@ -114,3 +117,35 @@ def test_unreachable_hosts_are_reported(tmp_path: Path) -> None:
     ]
     assert all("cannot connect" in why for _, _, why in lines)
     assert "2 of 2 hosts are not ok" in r.stdout
+
+
+def test_a_socket_taken_by_another_master_is_a_clear_error(tmp_path: Path) -> None:
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
+    first, second = free_port_block(4), free_port_block(4)
+    uds = str(tmp_path / "g")
+    try:
+        ok = deploy(env, "up", "1", "4", "--cmdport", str(first), "--uds", uds)
+        assert ok.returncode == 0, ok.stderr
+        r = deploy(env, "up", "1", "4", "--cmdport", str(second), "--uds", uds)
+        assert r.returncode == 1
+        assert f"another master (children on 127.0.0.1:{first}) answers on {uds}" in r.stderr
+    finally:
+        deploy(env, "down", "--cmdport", str(first))
+        deploy(env, "down", "--cmdport", str(second))
+    assert daemons(first) == [] and daemons(second) == []
+
+
+def test_nodes_without_their_rack_master_are_refused_up_front(tmp_path: Path) -> None:
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
+    port = free_port_block(8)
+    try:
+        r = deploy(env, "up", "1", "2", "--cmdport", str(port), "--uds", str(tmp_path / "g"))
+        assert r.returncode == 1
+        assert "n[1-2] hang below n4, which is neither in 1..2 nor running" in r.stderr
+    finally:
+        deploy(env, "down", "--cmdport", str(port))
+    assert daemons(port) == []
