@@ -51,10 +51,20 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_ms(pid: int | None) -> float:
+    """User plus system CPU time a process has used so far."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def spread(xs: list[float]) -> str:
     xs = sorted(xs)
-    return (f"median {statistics.median(xs) * 1000:7.1f} ms  min {xs[0] * 1000:7.1f}  "
-            f"max {xs[-1] * 1000:7.1f}  stdev {statistics.pstdev(xs) * 1000:5.1f}")
+    return (
+        f"median {statistics.median(xs) * 1000:7.1f} ms  min {xs[0] * 1000:7.1f}  "
+        f"max {xs[-1] * 1000:7.1f}  stdev {statistics.pstdev(xs) * 1000:5.1f}"
+    )
 
 
 def main() -> None:
@@ -65,9 +75,14 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gproc-bench-") as tmp:
         root = Path(tmp)
-        settings = Settings(cmdport=free_base(args.nodes), uds=str(root / "g"),
-                            bin_root=str(root / "xproc"), racksize=args.racksize,
-                            key=str(root / "key"), debug=0)
+        settings = Settings(
+            cmdport=free_base(args.nodes),
+            uds=str(root / "g"),
+            bin_root=str(root / "xproc"),
+            racksize=args.racksize,
+            key=str(root / "key"),
+            debug=0,
+        )
         tree = LocalTree(settings, state=root / "state")
         tree.up(1, args.nodes, timeout=60, say=lambda _m: None)
         try:
@@ -77,15 +92,25 @@ def main() -> None:
 
 
 def report(tree: LocalTree, settings: Settings, args: argparse.Namespace, root: Path) -> None:
-    gproc = [sys.executable, "-m", "gproc", "-defaultMasterUDS", settings.uds, "-key",
-             str(settings.key)]
+    gproc = [
+        sys.executable,
+        "-m",
+        "gproc",
+        "-defaultMasterUDS",
+        settings.uds,
+        "-key",
+        str(settings.key),
+    ]
     cmd = [*gproc, "e", "./.", "/bin/true"]
     subprocess.run(cmd, check=True, cwd=root)  # warm the page cache
+    names = ["master", *(f"n{i}" for i in range(1, args.nodes + 1))]
+    before = {n: cpu_ms(tree.pid(n)) for n in names}
     launches = []
     for _ in range(args.runs):
         t = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=root)
         launches.append(time.perf_counter() - t)
+    spent = {n: (cpu_ms(tree.pid(n)) - before[n]) / args.runs for n in names}
     startup = []
     for _ in range(5):
         t = time.perf_counter()
@@ -95,8 +120,10 @@ def report(tree: LocalTree, settings: Settings, args: argparse.Namespace, root: 
     ratio = statistics.median(launches) / statistics.median(forks)
     slaves = [tree.pid(f"n{i}") for i in range(1, args.nodes + 1)]
     leaf = next(p for i, p in enumerate(slaves, 1) if i % args.racksize and p)
-    print(f"local tree: {args.nodes} nodes, rack size {args.racksize}, {args.runs} runs, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"local tree: {args.nodes} nodes, rack size {args.racksize}, {args.runs} runs, "
+        f"{os.cpu_count()} cores"
+    )
     print(f"gproc e ./. /bin/true   {spread(launches)}")
     print(f"fork+wait {args.nodes} x true   {spread(forks)}")
     print(f"python3 -c pass         {spread(startup)}   (interpreter start, inside the above)")
@@ -104,6 +131,14 @@ def report(tree: LocalTree, settings: Settings, args: argparse.Namespace, root: 
     print(f"idle slave RSS          {rss_mib(leaf):5.1f} MiB (goal: under 30 MB)")
     print(f"rack master RSS         {rss_mib(tree.pid(f'n{args.racksize}')):5.1f} MiB")
     print(f"master RSS              {rss_mib(tree.pid('master')):5.1f} MiB")
+    racks = [n for n in names[1:] if int(n[1:]) % args.racksize == 0]
+    leaves = [n for n in names[1:] if n not in racks]
+    print(
+        f"CPU per launch          master {spent['master']:.1f} ms, rack master "
+        f"{statistics.mean(spent[n] for n in racks):.1f} ms, leaf "
+        f"{statistics.mean(spent[n] for n in leaves):.1f} ms, all daemons "
+        f"{sum(spent.values()):.0f} ms"
+    )
 
 
 if __name__ == "__main__":
