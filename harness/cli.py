@@ -23,9 +23,12 @@ EPILOG = """\
 examples:
   python -m harness up                        80 nodes on kane: kn1..kn80 at 10.1.30.N,
                                               the front-end cesspool at 10.1.254.254
+  python -m harness up --no-daemons           containers and sshd only, for gproc-deploy:
+  python -m harness exec -- gproc-deploy up 1 80 --locale kane
   python -m harness exec -- gproc e ./. /bin/hostname
   python -m harness exec -- gproc i           the tree as the master sees it
   python -m harness fault kill kn20           a rack master dies (its rack is lost)
+  python -m harness fault sshd-stop kn5       kn5 runs but cannot be logged into
   python -m harness heal                      restart what died, wait for all 80
   python -m harness down                      remove every container and the network
 
@@ -67,41 +70,60 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--timeout", type=float, default=READY_TIMEOUT, help="seconds to wait for every daemon"
     )
-    sub.add_parser("status", help="every host's container and tree state; exit 1 unless all up")
+    up.add_argument(
+        "--no-daemons",
+        action="store_true",
+        help="start containers and sshd, no gproc: gproc-deploy starts the tree",
+    )
+    sub.add_parser(
+        "status", help="every host's container, sshd and tree state; exit 1 unless all up"
+    )
     ex = sub.add_parser("exec", help="run a command on the front-end (or --node), e.g. gproc e")
     ex.add_argument("--node", help="run on this node instead of the front-end")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command")
     sub.add_parser("down", help="remove every container and network of the cluster")
     fault = sub.add_parser("fault", help="inject a fault into a node (or the front-end)")
-    fault.add_argument(
-        "fault", choices=FAULTS, help="kill, stop, pause, resume, disconnect, reconnect"
-    )
+    fault.add_argument("fault", choices=FAULTS, help=", ".join(FAULTS))
     fault.add_argument("node", help="node name (kn20) or the front-end's (cesspool)")
-    hl = sub.add_parser("heal", help="undo every fault, restart lost daemons, wait until ready")
+    hl = sub.add_parser(
+        "heal", help="undo every fault, restart sshd and (unless --no-daemons) lost daemons"
+    )
     hl.add_argument("nodes", nargs="*", help="only these hosts' containers (default all)")
     sub.add_parser("reload", help="rebuild the gproc zipapp from the working tree, restart daemons")
     sub.add_parser("images", help="build (or find) the node and front-end images, print their tags")
     return p
 
 
-def do_status(cluster: Cluster) -> int:
-    plan = cluster.require_plan()
+def _tree_or_none(cluster: Cluster) -> dict[str, str] | None:
+    """The master's view, or None when no master answers (e.g. ``up --no-daemons``)."""
     try:
-        tree = cluster.tree()
-    except HarnessError as error:
-        print(f"master: {error}", file=sys.stderr)
-        tree = {}
-    print(f"{'HOST':10} {'ADDRESS':15} {'CONTAINER':10} TREE")
+        return cluster.tree()
+    except HarnessError:
+        return None
+
+
+def do_status(cluster: Cluster) -> int:
+    """One row per host; exit 0 when every sshd answers and (harness daemons) all are up."""
+    plan = cluster.require_plan()
     boxes = {b.name: b.status for b in cluster.containers()}
-    hosts = [(plan.front_end, plan.front_end_address), *((n.name, n.address) for n in plan.nodes)]
-    for host, address in hosts:
-        state = boxes.get(cluster.container_name(host), "missing")
-        where = "master" if host == plan.front_end else tree.get(host, "absent")
-        print(f"{host:10} {address:15} {state:10} {where}")
-    up = sum(1 for n in plan.nodes if tree.get(n.name) == "up")
-    what = f"cluster {cluster.name!r} ({plan.locale}, run {cluster.run_id})"
-    print(f"{what}: {up} of {len(plan.nodes)} nodes up")
-    return 0 if up == len(plan.nodes) else 1
+    running = boxes.get(cluster.container_name(plan.front_end)) == "running"
+    sshd_down = set(cluster.sshd_down()) if running else {n.name for n in plan.nodes}
+    tree = _tree_or_none(cluster) if running else None
+    print(f"{'HOST':10} {'ADDRESS':15} {'CONTAINER':10} {'SSHD':5} TREE")
+    front = boxes.get(cluster.container_name(plan.front_end), "missing")
+    print(f"{plan.front_end:10} {plan.front_end_address:15} {front:10} {'':5} master")
+    for n in plan.nodes:
+        state = boxes.get(cluster.container_name(n.name), "missing")
+        sshd = "down" if n.name in sshd_down else "up"
+        where = "-" if tree is None else tree.get(n.name, "absent")
+        print(f"{n.name:10} {n.address:15} {state:10} {sshd:5} {where}")
+    up = sum(1 for n in plan.nodes if tree and tree.get(n.name) == "up")
+    mode = "" if cluster.daemons else ", --no-daemons"
+    what = f"cluster {cluster.name!r} ({plan.locale}{mode}, run {cluster.run_id})"
+    master = "no master answers" if tree is None else f"{up} of {len(plan.nodes)} nodes up"
+    print(f"{what}: sshd on {len(plan.nodes) - len(sshd_down)}, {master}")
+    tree_ok = up == len(plan.nodes) or not cluster.daemons
+    return 0 if running and not sshd_down and tree_ok else 1
 
 
 def do_exec(cluster: Cluster, args: argparse.Namespace) -> int:
@@ -125,8 +147,9 @@ def dispatch(args: argparse.Namespace) -> int:
         make_plan(args.locale, args.nodes, args.subnet)  # bad input fails before Docker is asked
     cluster = Cluster(args.name)
     if args.command == "up":
-        cluster.up(args.nodes, args.locale, args.subnet, args.timeout)
-        print(f"cluster {args.name!r} up: {args.nodes} nodes on {args.locale}")
+        cluster.up(args.nodes, args.locale, args.subnet, args.timeout, not args.no_daemons)
+        what = "containers and sshd, no daemons" if args.no_daemons else f"on {args.locale}"
+        print(f"cluster {args.name!r} up: {args.nodes} nodes {what}")
     elif args.command == "down":
         print(f"removed {cluster.down()} containers of {args.name!r}")
     elif args.command == "status":

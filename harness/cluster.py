@@ -7,6 +7,9 @@ network's labels also hold the locale and node count, so ``status``, ``exec``, `
 
 Daemons are started with ``docker exec`` in containers that just sleep, so a daemon can be
 restarted (a rack master's children exit when it goes away) without recreating anything.
+Every node also runs sshd (see ``harness/ssh.py``), and ``up(daemons=False)`` (``up
+--no-daemons``) stops there: containers and sshd, no gproc, which is where ``gproc-deploy``
+starts from.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,12 +37,14 @@ from docker.models.containers import Container
 
 from gproc.deploy.artifact import build_zipapp
 
+from . import ssh
 from .images import Images, build_images, say
 from .plan import KANE_SUBNET, Node, Plan, PlanError, make_plan
 
 LABEL = "gproc.harness"
 CLUSTER, RUN, ROLE = f"{LABEL}.cluster", f"{LABEL}.run", f"{LABEL}.role"
 LOCALE, COUNT, SUBNET = f"{LABEL}.locale", f"{LABEL}.nodes", f"{LABEL}.subnet"
+DAEMONS = f"{LABEL}.daemons"  # "harness": up starts gproc; "none": up --no-daemons
 KEY = "/etc/gproc/cluster.key"
 PIDFILE, LOGFILE = "/run/gproc.pid", "/var/log/gproc.log"
 DEFAULT_NAME = "gproc"
@@ -97,6 +103,7 @@ class Cluster:
         self.client = client or docker_client()
         self.plan: Plan | None = None
         self.run_id = ""
+        self.daemons = True  # False: the harness starts no gproc daemon (up --no-daemons)
 
     # ------------------------------------------------------------------ names and lookup
 
@@ -113,6 +120,7 @@ class Cluster:
         if role == "frontend":
             plan = self.require_plan()
             labels |= {LOCALE: plan.locale, COUNT: str(len(plan.nodes)), SUBNET: plan.subnet}
+            labels[DAEMONS] = "harness" if self.daemons else "none"
         return labels
 
     def containers(self) -> list[Container]:
@@ -135,6 +143,7 @@ class Cluster:
         labels = found[0].labels
         self.plan = make_plan(labels[LOCALE], int(labels[COUNT]), labels[SUBNET])
         self.run_id = labels[RUN]
+        self.daemons = labels.get(DAEMONS, "harness") != "none"
         return self
 
     def require_plan(self) -> Plan:
@@ -151,17 +160,22 @@ class Cluster:
         locale: str = "kane",
         subnet: str = KANE_SUBNET,
         timeout: float = READY_TIMEOUT,
+        daemons: bool = True,
     ) -> Cluster:
-        """Replace any cluster of this name with a fresh one whose every daemon registered."""
+        """Replace any cluster of this name with a fresh one: every sshd answering and, unless
+        ``daemons`` is False, every gproc daemon registered."""
         self.plan = make_plan(locale, nodes, subnet)
         self.down(quiet=True)
         self.run_id = uuid.uuid4().hex[:12]
+        self.daemons = daemons
         try:
             images = build_images(self.client)
             self._prepare_run_dir()
             self._create_network()
             self._create_containers(images)
-            self.start_daemons(timeout=timeout)
+            self.wait_sshd(timeout)
+            if daemons:
+                self.start_daemons(timeout=timeout)
         except BaseException:
             say(f"up of {self.name!r} failed; removing what was created")
             self.down(quiet=True)
@@ -183,6 +197,10 @@ class Cluster:
             raise HarnessError(f"cannot create the cluster key {key}: {proc.stderr.strip()}")
         if plan.translated:
             (where / "opt" / "topology.json").write_text(plan.topology())
+        try:
+            ssh.make_keys(where / "ssh", plan)
+        except ssh.SshKeyError as error:
+            raise HarnessError(str(error)) from None
 
     def switch_locale(self, locale: str, timeout: float = READY_TIMEOUT) -> None:
         """Restart every daemon with another locale (kane <-> kf): same containers, addresses.
@@ -197,8 +215,17 @@ class Cluster:
         self.start_daemons(timeout=timeout)
 
     def build_code(self) -> str:
-        """(Re)build the working tree's zipapp into the directory every container mounts."""
-        _, sha = build_zipapp(run_dir(self.name) / "opt" / "gproc.pyz")
+        """(Re)build the working tree's zipapp into the directory every container mounts.
+
+        The zipapp is also unpacked (``/opt/gproc/site``): the front-end's ``gproc-deploy``
+        runs from there, as from a pip install, because the deployer builds its artifact
+        from gproc's source files and cannot read them inside a zip.
+        """
+        pyz, sha = build_zipapp(run_dir(self.name) / "opt" / "gproc.pyz")
+        site = run_dir(self.name) / "opt" / "site"
+        shutil.rmtree(site, ignore_errors=True)
+        with zipfile.ZipFile(pyz) as zf:
+            zf.extractall(site)
         say(f"gproc zipapp {sha[:12]} of the working tree")
         return sha
 
@@ -244,17 +271,21 @@ class Cluster:
         say(f"reusing network {self.network_name}: the engine could not remove it (module doc)")
         return True
 
-    def mounts(self, key: Path | None = None) -> dict[str, dict[str, str]]:
-        """The code directory (zipapp, topology file) and the key, read-only.
+    def mounts(self, role: str, key: Path | None = None) -> dict[str, dict[str, str]]:
+        """The code directory (zipapp, topology file) and the key, read-only; on nodes, the
+        sshd host key and authorized_keys too.
 
         The directory, not the zipapp file, is mounted: a rebuilt zipapp is a new file, which
         a file mount would not show, and ``reload`` relies on seeing it.
         """
         where = run_dir(self.name)
-        return {
+        mounts = {
             str(where / "opt"): {"bind": "/opt/gproc", "mode": "ro"},
             str(key or where / "cluster.key"): {"bind": KEY, "mode": "ro"},
         }
+        if role != "frontend":
+            mounts[str(where / "ssh" / "nodes")] = {"bind": ssh.SSH_DIR, "mode": "ro"}
+        return mounts
 
     def create_container(
         self, image: str, host: str, address: str, role: str, key: Path | None = None
@@ -272,7 +303,8 @@ class Cluster:
             labels=self.labels(role),
             network=self.network_name,
             networking_config={self.network_name: endpoint},
-            volumes=self.mounts(key),
+            volumes=self.mounts(role, key),
+            command=None if role == "frontend" else ssh.NODE_COMMAND,
             # tmpfs: jobs' files skip the slow fuse-overlayfs, and the pid file goes with a
             # restart (a stale pid could name another process of the restarted container).
             tmpfs={"/tmp": "rw,exec,nosuid,nodev,size=512m", "/run": "rw,size=16m"},
@@ -282,7 +314,10 @@ class Cluster:
     def _create_containers(self, images: Images) -> None:
         plan = self.require_plan()
         say(f"starting {plan.front_end} and {len(plan.nodes)} nodes ({POOL} at a time)")
-        self.create_container(images.frontend, plan.front_end, plan.front_end_address, "frontend")
+        front = self.create_container(
+            images.frontend, plan.front_end, plan.front_end_address, "frontend"
+        )
+        front.put_archive("/", ssh.frontend_archive(run_dir(self.name) / "ssh"))
         self.pool(
             lambda n: self.create_container(images.node, n.name, n.address, "node"), plan.nodes
         )
@@ -304,6 +339,39 @@ class Cluster:
         shutil.rmtree(run_dir(self.name), ignore_errors=True)
         return len(found)
 
+    # ------------------------------------------------------------------ sshd
+
+    def sshd_down(self, names: Iterable[str] | None = None) -> list[str]:
+        """The nodes whose sshd does not greet the front-end (where gproc-deploy dials from)."""
+        plan = self.require_plan()
+        names = set(names) if names is not None else {n.name for n in plan.nodes}
+        pairs = [(n.name, n.address) for n in plan.nodes if n.name in names]
+        res = self.exec(ssh.probe_argv(pairs), timeout=60)
+        if res.status != 0:
+            raise HarnessError(f"cannot probe sshd from {plan.front_end}: {res.err.strip()}")
+        return res.lines()
+
+    def wait_sshd(self, timeout: float = READY_TIMEOUT) -> None:
+        """Block until every node's sshd answers; else name the nodes where it does not."""
+        deadline = time.monotonic() + timeout
+        while down := self.sshd_down():
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"sshd did not answer within {timeout:.0f}s on {len(down)} nodes: "
+                    f"{', '.join(down)} (its log: {ssh.SSHD_LOG} there)"
+                )
+            time.sleep(0.5)
+
+    def start_sshd(self, host: str) -> None:
+        """Start sshd in ``host`` unless it runs (the container command did it at start)."""
+        code, out = self.container(host).exec_run(["sh", "-c", ssh.START_SSHD])
+        if code != 0:
+            raise HarnessError(f"sshd did not start on {host}: {out.decode().strip()}")
+
+    def stop_sshd(self, host: str) -> None:
+        """Stop the sshd listener of ``host``; sessions already open go on, as on a real host."""
+        self.container(host).exec_run(["sh", "-c", ssh.STOP_SSHD])
+
     # ------------------------------------------------------------------ daemons
 
     def daemon_argv(self, mode: str) -> list[str]:
@@ -315,6 +383,12 @@ class Cluster:
         argv = " ".join(shlex.quote(a) for a in self.daemon_argv(mode))
         script = f"{_STOP_DAEMON}; echo $$ > {PIDFILE}; exec {argv} >>{LOGFILE} 2>&1"
         self.container(host).exec_run(["sh", "-c", script], detach=True)
+
+    def stop_daemons(self) -> None:
+        """Stop every gproc daemon the harness started (the containers and sshd stay)."""
+        plan = self.require_plan()
+        hosts = [plan.front_end, *(n.name for n in plan.nodes)]
+        self.pool(lambda h: self.container(h).exec_run(["sh", "-c", _STOP_DAEMON]), hosts)
 
     def daemon_alive(self, host: str) -> bool:
         try:

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from harness.checks import kill_gproc
 from harness.cluster import Cluster, HarnessError, docker_client
 from harness.faults import heal
 from harness.plan import KANE_SUBNET
@@ -173,4 +174,37 @@ def own_cluster(cluster_handle: Cluster) -> Iterator[Cluster]:
             if cluster_handle.require_plan().locale != "kane":
                 cluster_handle.switch_locale("kane")
             cluster_handle.on_nodes(["sh", "-c", "rm -rf /tmp/xproc/* /tmp/xproc/.[!.]*"])
+            heal(cluster_handle)
+
+
+DEPLOY_STATE = "rm -rf /root/.local/state/gproc /root/.config/gproc /tmp/*known_hosts*"
+
+
+def _forget_deploy(cluster: Cluster) -> None:
+    """No trace of gproc-deploy: its daemons stopped (by itself, then by force), its files
+    gone from the front-end and the nodes, so its next ``up`` is a first one."""
+    cluster.exec(["gproc-deploy", "down", "--locale", "kane"], timeout=300)
+    kill_gproc(cluster)
+    cluster.exec(["sh", "-c", DEPLOY_STATE])
+    cluster.on_nodes(["rm", "-rf", "/tmp/gproc-deploy"])
+
+
+@pytest.fixture(scope="module")
+def bare_cluster(cluster_handle: Cluster) -> Iterator[Cluster]:
+    """The kane cluster without gproc daemons, for a module of gproc-deploy tests alone.
+
+    The containers and sshd stay; the harness's daemons are stopped under the exclusive
+    lock (no other worker's test can run meanwhile), and at the end whatever gproc-deploy
+    started is stopped, every fault healed and the harness's daemons are started again.
+    """
+    if cluster_handle.require_plan().translated:
+        pytest.skip("gproc-deploy --locale kane computes 10.1.x.y: needs the default subnet")
+    with _flock(fcntl.LOCK_EX):
+        cluster_handle.stop_daemons()
+        try:
+            _forget_deploy(cluster_handle)
+            yield cluster_handle
+        finally:
+            heal(cluster_handle, daemons=False)
+            _forget_deploy(cluster_handle)
             heal(cluster_handle)

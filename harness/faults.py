@@ -2,9 +2,11 @@
 
 Faults act on the container of a node (or of the front-end, ``cesspool``), as an operator
 would meet them: ``kill`` (the node dies), ``stop`` (orderly shutdown), ``pause`` (hung:
-processes frozen, sockets open), ``disconnect`` (cable pulled). ``resume`` and ``reconnect``
-undo the last two; :func:`heal` undoes everything at once, including restarting the daemons
-a dead rack master took with it (a slave exits when its parent goes away).
+processes frozen, sockets open), ``disconnect`` (cable pulled), ``sshd-stop`` (the node runs
+but cannot be logged into: what ``gproc-deploy`` meets as UNREACHABLE). ``resume``,
+``reconnect`` and ``sshd-start`` undo three of them; :func:`heal` undoes everything at once,
+including restarting the daemons a dead rack master took with it (a slave exits when its
+parent goes away).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .cluster import READY_TIMEOUT, Cluster, HarnessError, run_dir
 from .images import say
 from .plan import make_plan
 
-FAULTS = ("kill", "stop", "pause", "resume", "disconnect", "reconnect")
+FAULTS = ("kill", "stop", "pause", "resume", "disconnect", "reconnect", "sshd-stop", "sshd-start")
 
 
 def _address(cluster: Cluster, host: str) -> str:
@@ -70,6 +72,8 @@ ACTIONS: dict[str, Callable[[Cluster, str], None]] = {
     "resume": resume,
     "disconnect": disconnect,
     "reconnect": reconnect,
+    "sshd-stop": lambda cluster, host: cluster.stop_sshd(host),
+    "sshd-start": lambda cluster, host: cluster.start_sshd(host),
 }
 
 
@@ -80,6 +84,8 @@ def inject(cluster: Cluster, fault: str, host: str) -> None:
     plan = cluster.require_plan()
     if host != plan.front_end:
         plan.node(host)  # a clear error for a name outside the cluster
+    elif fault.startswith("sshd"):
+        raise HarnessError(f"{fault}: {host} runs no sshd (gproc-deploy runs there)")
     try:
         ACTIONS[fault](cluster, host)
     except docker.errors.APIError as error:
@@ -100,17 +106,29 @@ def _restore_container(cluster: Cluster, host: str) -> bool:
     return started
 
 
-def heal(cluster: Cluster, hosts: Iterable[str] | None = None, timeout: float = READY_TIMEOUT):
+def heal(
+    cluster: Cluster,
+    hosts: Iterable[str] | None = None,
+    timeout: float = READY_TIMEOUT,
+    daemons: bool | None = None,
+) -> None:
     """Undo every fault (on ``hosts``, default all) and wait until all 80 daemons are up.
 
-    A daemon is restarted when it is not running or the master does not show its node up;
-    the children of a restarted node are restarted too (they exit with their parent, or
-    would hang on to a dead connection), and a restarted master means every daemon.
+    Every node's sshd is started again where it does not answer. A daemon is restarted when
+    it is not running or the master does not show its node up; the children of a restarted
+    node are restarted too (they exit with their parent, or would hang on to a dead
+    connection), and a restarted master means every daemon. ``daemons`` False (default: the
+    cluster was brought up with ``--no-daemons``) heals containers and sshd only: the gproc
+    daemons there are gproc-deploy's business.
     """
     plan = cluster.require_plan()
     names = [plan.front_end, *(n.name for n in plan.nodes)]
     todo = list(hosts) if hosts is not None else names
     cluster.pool(lambda h: _restore_container(cluster, h), todo)
+    cluster.pool(cluster.start_sshd, cluster.sshd_down())
+    cluster.wait_sshd(timeout)
+    if daemons is False or (daemons is None and not cluster.daemons):
+        return
     dead = {
         h for h, ok in zip(names, cluster.pool(cluster.daemon_alive, names), strict=True) if not ok
     }
