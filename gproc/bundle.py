@@ -61,9 +61,14 @@ class Packer:
 
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
+        self.walked: set[str] = set()  # directories added, against symlink loops
 
     def add_object(self, root: str, path: str) -> None:
-        """Add root-relative absolute ``path`` of tree ``root``, following its symlink chain."""
+        """Add root-relative absolute ``path`` of tree ``root``, following its symlink chain.
+
+        The chain's links travel as links (targets made relative), and what it ends at as a
+        file, or, for ``-f`` (root "/"), as a whole directory.
+        """
         from gproc.elf import resolve_in_root
 
         seen: set[str] = set()
@@ -73,7 +78,13 @@ class Packer:
             host = os.path.join(
                 resolve_in_root(root, posixpath.dirname(path) or "/"), posixpath.basename(path)
             )
-            st = os.lstat(host)
+            try:
+                st = os.lstat(host)
+            except FileNotFoundError:
+                raise BundleError(f"{path} does not exist (a broken symlink?)") from None
+            if stat.S_ISDIR(st.st_mode) and root == "/":
+                self.add_host_path(host)
+                return
             if not stat.S_ISLNK(st.st_mode):
                 self._add_file(rel, host, st)
                 return
@@ -84,20 +95,26 @@ class Packer:
             path = absolute
 
     def add_host_path(self, path: str) -> None:
-        """Add a front-end file or directory (``-f``) at the same absolute path, recursively."""
+        """Add a front-end file or directory (``-f``) at the same absolute path, recursively.
+
+        Symlinks inside travel as symlinks, together with what they point to.
+        """
         path = os.path.abspath(path)
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            self.add_dir(path, st.st_mode)
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames.sort()
-                for name in dirnames:
-                    self.add_dir(os.path.join(dirpath, name))
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    self._add_file(_relative(full), full, os.stat(full))
-        else:
-            self._add_file(_relative(path), path, st)
+        if path in self.walked:
+            return
+        self.walked.add(path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            self.add_object("/", path)
+            return
+        self.add_dir(path, os.stat(path).st_mode)
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in dirnames + sorted(filenames):
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full) or not os.path.isdir(full):
+                    self.add_object("/", full)
+                else:
+                    self.add_dir(full, os.stat(full).st_mode)
 
     def add_dir(self, path: str, mode: int = 0o755) -> None:
         self._put(Entry(_relative(os.path.abspath(path)), "d", stat.S_IMODE(mode) or 0o755))
@@ -192,7 +209,7 @@ def _check_entry(item: Any) -> Entry:
         raise BundleError(f"{path}: bad size {size!r}")
     if not isinstance(digest, bytes) or (kind == "f" and len(digest) != 32):
         raise BundleError(f"{path}: bad sha256")
-    if not isinstance(link, str) or (kind == "l") != bool(link):
+    if not isinstance(link, str) or (kind == "l") != bool(link) or "\0" in link:
         raise BundleError(f"{path}: bad symlink target {link!r}")
     return Entry(_check_path(path), kind, mode & 0o1777, size, digest, link)
 
@@ -248,9 +265,11 @@ class Unpacker:
         for e in entries:
             if e.kind == "d":
                 self._dir(e.path, e.mode)
-        for e in entries:
-            if e.kind == "l":
-                self._symlink(e)
+        links = [e for e in entries if e.kind == "l"]
+        for e in links:
+            self._symlink(e)
+        for e in links:  # each link is inside on its own; a chain of them may not be
+            self._inside(e.path, os.path.realpath(os.path.join(self.root, e.path)))
         self.needed = [i for i, e in enumerate(entries) if e.kind == "f" and not self._early(e)]
         self.pos = 0
 
@@ -294,16 +313,28 @@ class Unpacker:
         return True
 
     def _host(self, path: str) -> str:
-        """Host path for ``path``, after making sure its directory is inside the root."""
+        """Host path for ``path``, after making sure its directory is inside the root.
+
+        The deepest directory that exists already is checked before anything is created, so
+        a symlink left in binRoot cannot make us create directories elsewhere.
+        """
         parent = posixpath.dirname(path)
         real = self.dirs.get(parent)
         if real is None:
-            (self.root / parent).mkdir(parents=True, exist_ok=True)
-            real = os.path.realpath(self.root / parent)
-            if real != self.real_root and not real.startswith(self.real_root + "/"):
-                raise BundleError(f"{path}: its directory resolves to {real}, outside the root")
+            target = os.path.join(self.root, parent)
+            probe = target
+            while not os.path.lexists(probe):
+                probe = os.path.dirname(probe)
+            self._inside(path, os.path.realpath(probe))
+            os.makedirs(target, exist_ok=True)
+            real = self._inside(path, os.path.realpath(target))
             self.dirs[parent] = real
         return os.path.join(real, posixpath.basename(path))
+
+    def _inside(self, path: str, real: str) -> str:
+        if real != self.real_root and not real.startswith(self.real_root + "/"):
+            raise BundleError(f"{path}: resolves to {real}, outside the root")
+        return real
 
     def _dir(self, path: str, mode: int) -> None:
         if path == ".":

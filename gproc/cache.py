@@ -15,6 +15,7 @@ noticed the next time the blob is wanted, and the blob is dropped rather than ha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -36,9 +37,13 @@ class BlobCache:
         return os.path.join(self.path, digest.hex())
 
     def _intact(self, blob: str, st: os.stat_result) -> bool:
-        """Unchanged since it was cached (or since this daemon first saw it)."""
-        seen = self.seen.setdefault(blob, (st.st_size, st.st_mtime_ns))
-        return seen == (st.st_size, st.st_mtime_ns)
+        """Unchanged since it was cached; a blob this daemon has not seen yet is re-hashed."""
+        stamp = (st.st_size, st.st_mtime_ns)
+        if blob not in self.seen:
+            if _sha256(blob) != os.path.basename(blob):
+                return False
+            self.seen[blob] = stamp
+        return self.seen[blob] == stamp
 
     def copy_out(self, digest: bytes, dest: str, mode: int) -> bool:
         """Put the cached blob at ``dest`` (hard link or copy); False when not cached."""
@@ -99,3 +104,11 @@ class BlobCache:
             os.unlink(blob)
             self.size -= size
             self.seen.pop(blob, None)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gproc: interrupted; the job is killed on every node", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output left (gproc e ... | head): stop quietly, as cat would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except commands.user_errors() as e:
         print(f"gproc: {e}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from gproc import nodespec
-from gproc.bundle import Entry, Packer, chunks, total_size
+from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.output import Printer
 from gproc.wire import VERSION, BlockingConn, Frame, ProtocolError, Tree
@@ -116,43 +116,69 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     header, manifest = build_job(opts)
     printer = printer or Printer(raw=opts.raw, folded=opts.fold)
     conn = connect(opts.uds)
+    sender = Sender(conn, manifest)
     try:
         conn.send(header)
-        _follow(conn, printer, manifest)
+        _follow(conn, printer, sender)
+    except BrokenPipeError:
+        raise  # our own stdout closed (gproc e ... | head): not the master's doing
     except OSError as e:
-        raise ClientError(f"lost the master: {e.strerror or e}") from None
+        raise ClientError(sender.error or f"lost the master: {e.strerror or e}") from None
     finally:
         conn.close()
     return printer.finish()
 
 
-def _follow(conn: BlockingConn, printer: Printer, manifest: list[Entry]) -> None:
+def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
     """Read the master's frames until the job is done; file bytes go out from a thread."""
     while (frame := conn.recv()) is not None:
         kind = frame["t"]
         if kind == "plan":
             printer.planned = list(frame.get("nodes", []))
             printer.unreachable = list(frame.get("unreachable", []))
-            sender = threading.Thread(
-                target=_send_files, args=(conn, manifest, frame.get("need", [])), daemon=True
-            )
-            sender.start()
+        elif kind == "need":
+            sender.start(frame.get("files", []))
         elif kind == "error":
             raise ClientError(str(frame.get("message")))
         elif kind == "done":
             return
         else:
             _show(printer, frame)
-    raise ClientError("the master went away before the job ended")
+    raise ClientError(sender.error or "the master went away before the job ended")
 
 
-def _send_files(conn: BlockingConn, manifest: list[Entry], needed: list[int]) -> None:
-    """Send the bytes of the files some node lacks (the others are in the nodes' caches)."""
-    try:
-        for index, chunk in chunks(manifest, needed):
-            conn.send({"t": "data", "f": index, "b": chunk})
-    except OSError:
-        pass  # the master went away; the reading side reports it
+class Sender:
+    """Sends the bytes of the files some node lacks (the rest are in the nodes' caches).
+
+    It runs in a thread so output keeps being read meanwhile. A file that changes under it
+    is fatal to the job: the socket is shut, the master kills the job, and the reading side
+    reports :attr:`error`.
+    """
+
+    def __init__(self, conn: BlockingConn, manifest: list[Entry]):
+        self.conn = conn
+        self.manifest = manifest
+        self.error: str | None = None
+
+    def start(self, needed: list[int]) -> None:
+        threading.Thread(target=self._send, args=(needed,), daemon=True).start()
+
+    def _send(self, needed: list[int]) -> None:
+        try:
+            for index, chunk in chunks(self.manifest, needed):
+                self.conn.send({"t": "data", "f": index, "b": chunk})
+        except BundleError as e:
+            self._abort(str(e))
+        except OSError as e:
+            if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                self._abort(f"cannot read {e.filename or 'a shipped file'}: {e.strerror or e}")
+
+    def _abort(self, why: str) -> None:
+        self.error = f"{why}; the job was cancelled"
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _show(printer: Printer, frame: Frame) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -99,8 +100,10 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
     try:
         run_until_signalled(main)
     except OSError as e:
-        hint = " (is another daemon using this port?)" if e.errno == 98 else ""
-        raise GprocError(f"cannot serve: {e.strerror or e}{hint}") from None
+        if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            hint = " (is another daemon using this port?)" if e.errno == errno.EADDRINUSE else ""
+            raise GprocError(f"cannot serve: {e.strerror or e}{hint}") from None
+        raise GprocError(f"daemon stopped: {e.strerror or e}") from None
     return 0
 
 

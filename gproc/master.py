@@ -111,14 +111,15 @@ class Master:
         if checked is None:
             return
         spec, entries, nodes, missing = checked
-        job = await self.hop.start_job(header, conn, None, spec)
+        await conn.send({"t": "plan", "nodes": nodes, "unreachable": missing})
+        job = self.hop.new_job(header, conn, None)
         log.info("job %s: %s on %s", job.jid, header["argv"][0], header["spec"])
         try:
+            await job.open(spec)
             need = await job.needs()
-            await conn.send(
-                {"t": "plan", "nodes": nodes, "unreachable": missing, "need": sorted(need)}
-            )
-            await self._stream(conn, job, sum(entries[i].size for i in need))
+            if not job.finished.is_set():  # else every node below already ended (or failed)
+                await conn.send({"t": "need", "files": sorted(need)})
+                await self._stream(conn, job, sum(entries[i].size for i in need))
             await self._await_end(conn, job)
         finally:
             if not job.finished.is_set():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class Child:
     addr: str
     below: list[Tree] = field(default_factory=list)
     jobs: dict[str, Job] = field(default_factory=dict)
+    leaving: bool = False  # said bye: it was stopped, not lost
 
     def tree(self) -> Tree:
         return {
@@ -44,6 +46,24 @@ class Child:
             "state": "up",
             "children": self.below,
         }
+
+
+MAX_DEPTH = 16
+
+
+def check_trees(trees: object, depth: int = 0) -> list[Tree]:
+    """A child's view of its subtree, checked field by field: it reaches every client."""
+    if not isinstance(trees, list) or depth > MAX_DEPTH:
+        raise ProtocolError("bad subtree in a register or tree frame")
+    for t in trees:
+        if not (
+            isinstance(t, dict)
+            and isinstance(t.get("id"), int)
+            and all(isinstance(t.get(k), str) for k in ("name", "addr", "state"))
+        ):
+            raise ProtocolError("bad node in a register or tree frame")
+        check_trees(t.get("children"), depth + 1)
+    return trees
 
 
 def expand(spec: nodespec.Spec, trees: list[Tree]) -> list[str]:
@@ -63,7 +83,8 @@ def unreachable(spec: nodespec.Spec, trees: list[Tree], where: str) -> list[str]
     spec like ``1/.`` names it instead of quietly running on the nodes that are left.
     """
     known = {t["id"]: t for t in trees}
-    out = [f"id {i} under {where} (no such node)" for i in nodespec.missing(spec, known)]
+    absent = nodespec.missing(spec, known)
+    out = [f"{_ids(absent)} under {where} (no such node)"] if absent else []
     for node_id, sub in sorted(nodespec.select(spec, known).items()):
         tree = known[node_id]
         if tree.get("state") != "up":
@@ -73,20 +94,33 @@ def unreachable(spec: nodespec.Spec, trees: list[Tree], where: str) -> list[str]
     return out
 
 
+def _ids(numbers: list[int]) -> str:
+    """Sorted ids as ranges: [3, 4, 5, 9] -> "ids 3-5,9"."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+    return f"{'ids' if len(numbers) > 1 else 'id'} {text}"
+
+
 class Leg:
     """The part of a job that goes through one child: its sub-spec and who has reported."""
 
     def __init__(self, child: Child, spec: nodespec.Spec):
         self.child = child
         self.spec = spec
+        # fixed now: a dying child may first tell us its own children are gone
+        self.expected = [child.name, *expand(spec, child.below)]
         self.reported: set[str] = set()
         self.done = False
         self.need: asyncio.Future[set[int]] = asyncio.get_running_loop().create_future()
 
     def outstanding(self) -> list[str]:
         """Nodes of this leg that have neither exited nor been reported lost."""
-        expected = [self.child.name, *expand(self.spec, self.child.below)]
-        return [n for n in expected if n not in self.reported]
+        return [n for n in self.expected if n not in self.reported]
 
 
 class Job:
@@ -104,8 +138,12 @@ class Job:
 
     async def open_legs(self, spec: nodespec.Spec) -> None:
         """Send the header to every selected live child, each with its sub-spec."""
-        for node_id, sub in sorted(nodespec.select(spec, self.hop.children).items()):
-            child = self.hop.children[node_id]
+        chosen = [
+            (self.hop.children[i], sub)
+            for i, sub in nodespec.select(spec, self.hop.children).items()
+        ]
+        for child, sub in sorted(chosen, key=lambda pair: pair[0].node_id):
+            node_id = child.node_id
             leg = Leg(child, sub)
             self.legs[node_id] = leg
             child.jobs[self.jid] = self
@@ -114,6 +152,10 @@ class Job:
                 await child.conn.send(frame)
             except (ConnectionError, RuntimeError) as e:
                 await self.leg_lost(leg, f"cannot send to {child.name}: {e}")
+
+    async def open(self, spec: nodespec.Spec) -> None:
+        await self.open_legs(spec)
+        self.maybe_finish()
 
     async def needs(self) -> set[int]:
         """Manifest entries some node below (or this one) still needs the bytes of."""
@@ -286,13 +328,8 @@ class Hop:
         if frame is None or frame.get("t") != "register":
             raise ProtocolError("peer did not register")
         node_id, name, addr = frame.get("id"), frame.get("name"), frame.get("addr")
-        below = frame.get("children", [])
-        if not (
-            isinstance(node_id, int)
-            and isinstance(name, str)
-            and isinstance(addr, str)
-            and isinstance(below, list)
-        ):
+        below = check_trees(frame.get("children", []))
+        if not (isinstance(node_id, int) and isinstance(name, str) and isinstance(addr, str)):
             raise ProtocolError("bad register frame")
         old = self.children.get(node_id)
         if old is not None and old.name != name:
@@ -314,13 +351,22 @@ class Hop:
     async def _child_loop(self, child: Child) -> None:
         while (frame := await child.conn.recv()) is not None:
             kind = frame["t"]
-            if kind == "tree" and isinstance(frame.get("children"), list):
-                child.below = frame["children"]
+            if kind == "tree":
+                child.below = check_trees(frame.get("children"))
                 self._changed()
             elif kind in ("out", "exit", "lost", "done", "need"):
                 job = child.jobs.get(frame.get("job"))
                 if job is not None:
-                    await job.from_child(child, frame)
+                    # while upstream is slow to take this frame we read nothing from the
+                    # child: that is backpressure, not silence
+                    child.conn.busy += 1
+                    try:
+                        await job.from_child(child, frame)
+                    finally:
+                        child.conn.busy -= 1
+                        child.conn.last_heard = time.monotonic()
+            elif kind == "bye":
+                child.leaving = True
             elif kind != "ping":
                 raise ProtocolError(f"unexpected {kind!r} frame from a child")
 
@@ -328,8 +374,11 @@ class Hop:
         if self.children.get(child.node_id) is not child:
             return
         del self.children[child.node_id]
-        self.lost[child.node_id] = dict(child.tree(), state="lost", children=[])
-        log.warning("child %s (id %d) is gone", child.name, child.node_id)
+        if child.leaving:
+            log.info("child %s (id %d) stopped", child.name, child.node_id)
+        else:
+            self.lost[child.node_id] = dict(child.tree(), state="lost", children=[])
+            log.warning("child %s (id %d) is gone", child.name, child.node_id)
         for job in list(child.jobs.values()):
             leg = job.legs.get(child.node_id)
             if leg is not None:
@@ -337,6 +386,13 @@ class Hop:
         self._changed()
 
     # ------------------------------------------------------------ jobs from upstream
+
+    def new_job(
+        self, header: Frame, up: Conn, local: LocalRunner | None, jid: str | None = None
+    ) -> Job:
+        job = Job(self, jid or secrets.token_hex(6), header, up, local)
+        self.jobs[job.jid] = job
+        return job
 
     async def start_job(
         self,
@@ -346,11 +402,8 @@ class Hop:
         spec: nodespec.Spec,
         jid: str | None = None,
     ) -> Job:
-        jid = jid or secrets.token_hex(6)
-        job = Job(self, jid, header, up, local)
-        self.jobs[jid] = job
-        await job.open_legs(spec)
-        job.maybe_finish()
+        job = self.new_job(header, up, local, jid)
+        await job.open(spec)
         return job
 
     async def close(self) -> None:
@@ -378,6 +431,15 @@ def check_header(header: dict[str, Any]) -> None:
         raise ValueError("field 'prog' missing")
     if not all(isinstance(d, str) for d in header.get("libdirs", [])):
         raise ValueError("libdirs must be strings")
+    env = header["env"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("env must map strings to strings")
+    texts = [*header["argv"], *env, *env.values(), *header.get("libdirs", [])]
+    texts += [header.get(k) or "" for k in ("cwd", "prog", "interp")]
+    if any("\0" in t for t in texts if isinstance(t, str)):
+        raise ValueError("a NUL byte in argv, env or a path")
+    if any(not k or "=" in k for k in env):
+        raise ValueError("an environment variable name is empty or holds '='")
     for name in ("prog", "interp", "cwd"):
         value = header.get(name)
         if isinstance(value, str) and (not value.startswith("/") or "/../" in value + "/"):

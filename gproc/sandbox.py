@@ -120,28 +120,16 @@ async def start(launch: Launch) -> asyncio.subprocess.Process:
         raise OSError(f"cannot start {launch.argv[0]}: {e}") from None
 
 
-def private_mounts_work(scratch: str) -> str | None:
-    """None when a private mount can be made here, else the reason (checked once per daemon)."""
-    src = os.path.join(scratch, "probe-src")
-    dst = os.path.join(scratch, "probe-dst")
-    os.makedirs(src, exist_ok=True)
-    os.makedirs(dst, exist_ok=True)
-    try:
-        subprocess.run(["true"], check=True, preexec_fn=lambda: enter_private_root(src, dst))
-    except (subprocess.SubprocessError, OSError) as e:
-        return str(e)
-    finally:
-        os.rmdir(src)
-        os.rmdir(dst)
-    return None
+def kill_group(proc: asyncio.subprocess.Process, force: bool = False) -> None:
+    """SIGKILL the job's whole process group (it leads its own session).
 
-
-def kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the job's whole process group (it leads its own session)."""
-    if proc.returncode is None:
+    ``force`` also after the leader has exited: what it started in the background lives
+    on in its group, and a job leaves nothing behind.
+    """
+    if proc.returncode is None or force:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
 

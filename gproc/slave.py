@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gproc import nodespec, sandbox
 from gproc.bundle import BundleError, Unpacker, check_manifest
@@ -28,6 +31,8 @@ log = logging.getLogger("gproc.slave")
 
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
+EXIT_KILLED = 128 + 9
+JOB_ID = re.compile(r"[0-9a-f]{1,32}")
 RETRY_SECONDS = 0.5
 
 
@@ -96,6 +101,7 @@ class NodeRun(LocalRunner):
         self.job: Job | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.error = problem
+        self.killed = False
         self.task: asyncio.Task[None] | None = None
         self.private = bool(header.get("private", True))
         self.files_root = os.path.join(node.stage_root, jid) if self.private else node.bin_root
@@ -152,17 +158,25 @@ class NodeRun(LocalRunner):
             cwd=root + self.header["cwd"],
             bind=(self.files_root, root) if self.private else None,
         )
+        if self.killed:
+            return EXIT_KILLED
         try:
             t = time.perf_counter()
             self.proc = await sandbox.start(launch)
             log.debug("job %s: started in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3)
         except sandbox.SandboxError as e:
             return await self._fail(str(e), EXIT_CANNOT_RUN)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             code = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_RUN
-            return await self._fail(f"cannot start {launch.argv[0]}: {e.strerror or e}", code)
-        await asyncio.gather(self._pump(self.proc.stdout, 1), self._pump(self.proc.stderr, 2))
-        return sandbox.exit_status(await self.proc.wait())
+            why = getattr(e, "strerror", None) or e
+            return await self._fail(f"cannot start {launch.argv[0]}: {why}", code)
+        if self.killed:  # the kill came while the program was being started
+            sandbox.kill_group(self.proc)
+        pumps = asyncio.gather(self._pump(self.proc.stdout, 1), self._pump(self.proc.stderr, 2))
+        status = sandbox.exit_status(await self.proc.wait())
+        sandbox.kill_group(self.proc, force=True)  # what the program left running dies with it
+        await pumps
+        return status
 
     async def _pump(self, stream: asyncio.StreamReader | None, fd: int) -> None:
         assert stream is not None
@@ -199,6 +213,7 @@ class NodeRun(LocalRunner):
             )
 
     async def kill(self) -> None:
+        self.killed = True
         if self.proc is not None:
             sandbox.kill_group(self.proc)
         if self.task is None:
@@ -284,7 +299,7 @@ class Slave:
 
     async def run(self) -> None:
         """Serve children, join the parent, relay jobs until the parent goes away."""
-        os.makedirs(self.node.stage_root, exist_ok=True)
+        _empty(self.node.stage_root)  # what a killed predecessor left behind
         if self.node.cache_bytes > 0:
             self.cache = BlobCache(Path(self.node.cache_root), self.node.cache_bytes)
         await self.hop.serve(*self.listen)
@@ -305,21 +320,32 @@ class Slave:
         watchdog = asyncio.ensure_future(keep_alive(lambda: [conn], self.hop.heartbeat, log))
         try:
             await self._parent_loop(conn)
+            log.warning("%s: parent gone; killing jobs and exiting", self.node.name)
+        except (ConnectionError, ProtocolError) as e:
+            log.warning("%s: parent gone (%s); killing jobs and exiting", self.node.name, e)
+        except asyncio.CancelledError:
+            log.info("%s: stopping", self.node.name)
+            conn.send_nowait({"t": "bye"})  # stopped, not lost: the parent forgets us
+            raise
         finally:
             watchdog.cancel()
-            log.warning("%s: parent gone; killing jobs and exiting", self.node.name)
             await self.hop.close()
             await conn.close()
 
     async def _parent_loop(self, conn: Conn) -> None:
         while (frame := await conn.recv()) is not None:
             kind, jid = frame["t"], frame.get("job")
-            if kind == "job" and isinstance(jid, str):
-                await self._start(frame, jid, conn)
+            if kind == "job":
+                if isinstance(jid, str) and JOB_ID.fullmatch(jid) and jid not in self.hop.jobs:
+                    await self._start(frame, jid, conn)
+                else:
+                    log.warning(
+                        "%s: ignored a job with a bad or repeated id %r", self.node.name, jid
+                    )
             elif kind == "data" and jid in self.hop.jobs and _is_chunk(frame):
                 await self.hop.jobs[jid].feed(frame["f"], frame["b"])
             elif kind == "kill" and jid in self.hop.jobs:
-                await self.hop.jobs[jid].kill()
+                self._spawn(self.hop.jobs[jid].kill())  # waiting for it must not stall the link
             elif kind not in ("data", "kill", "ping"):
                 raise ProtocolError(f"unexpected {kind!r} frame from the parent")
 
@@ -331,12 +357,19 @@ class Slave:
             spec = nodespec.parse(header["spec"]) if header["spec"] else ()
         except (nodespec.SpecError, KeyError, TypeError, ValueError) as e:
             spec, problem = (), f"bad job header: {e}"
-        run = NodeRun(self.node, header, jid, problem, self.cache)
+        try:
+            run = NodeRun(self.node, header, jid, problem, self.cache)
+        except Exception as e:  # anything a strange job does to us costs that job only
+            log.warning("job %s: %r", jid, e)
+            run = NodeRun(self.node, header, jid, f"cannot take the job: {e}", self.cache)
         job = await self.hop.start_job(header, conn, run, spec, jid=jid)
-        task = asyncio.get_running_loop().create_task(self._report_needs(job, conn))
+        self._spawn(self._report_needs(job, conn))
+        run.attach(job)  # after the report is queued: the fork must not delay the tree's answer
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        run.attach(job)  # after the report is queued: the fork must not delay the tree's answer
 
     @staticmethod
     async def _report_needs(job: Job, conn: Conn) -> None:
@@ -347,3 +380,9 @@ class Slave:
 
 def _is_chunk(frame: Frame) -> bool:
     return isinstance(frame.get("f"), int) and isinstance(frame.get("b"), bytes)
+
+
+def _empty(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    for entry in os.scandir(directory):
+        shutil.rmtree(entry.path, ignore_errors=True)

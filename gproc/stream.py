@@ -49,6 +49,7 @@ class Conn:
         self._drain = asyncio.Lock()
         self.closed = False
         self.last_heard = time.monotonic()
+        self.busy = 0  # > 0 while this end is not reading because it is passing a frame on
 
     async def recv(self) -> Frame | None:
         frame = await read_frame(self.reader)
@@ -102,7 +103,7 @@ async def keep_alive(
         await asyncio.sleep(every)
         now = time.monotonic()
         for conn in list(peers()):
-            if now - conn.last_heard > every * SILENT_BEATS:
+            if not conn.busy and now - conn.last_heard > every * SILENT_BEATS:
                 log.warning("%s silent for %.0fs; dropping it", conn.peer(), now - conn.last_heard)
                 conn.writer.close()
             else:

@@ -166,3 +166,42 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
         cache.add(str(src), hashlib.sha256(src.read_bytes()).digest())
     held = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
     assert held <= 10_000 and cache.size == held
+
+
+def test_a_chain_of_links_cannot_climb_out(tmp_path: Path) -> None:
+    """Each link is lexically inside; together they reach the parent of the root."""
+    raw = [entry("a", "l", l="."), entry("b", "l", l="a/.."), entry("c", "l", l="b/etc")]
+    with pytest.raises(BundleError, match="outside the root"):
+        unpack(tmp_path / "root", raw, b"")
+
+
+def test_nul_in_a_link_target_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="symlink target"):
+        check_manifest([entry("l", "l", l="x\0y")], 0)
+
+
+def test_a_blob_changed_while_no_daemon_watched_is_not_handed_out(tmp_path: Path) -> None:
+    data = os.urandom(4000)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    digest = hashlib.sha256(data).digest()
+    BlobCache(tmp_path / "cache", 1 << 20).add(str(src), digest)
+    (tmp_path / "cache" / digest.hex()).write_bytes(b"tampered")
+    fresh = BlobCache(tmp_path / "cache", 1 << 20)  # as after a restart of the slave
+    assert not fresh.copy_out(digest, str(tmp_path / "out"), 0o644)
+    assert not (tmp_path / "out").exists()
+
+
+def test_f_directories_keep_their_symlinks_and_refuse_broken_ones(tmp_path: Path) -> None:
+    tree = tmp_path / "data"
+    (tree / "real").mkdir(parents=True)
+    (tree / "real" / "f.txt").write_text("content")
+    os.symlink("real", tree / "alias")  # a symlink to a directory
+    os.symlink(tree, tree / "real" / "loop")  # a loop back up
+    packer = Packer()
+    packer.add_host_path(str(tree))
+    kinds = {e.path.rsplit("/", 1)[-1]: e.kind for e in packer.manifest()}
+    assert kinds["alias"] == "l" and kinds["f.txt"] == "f" and kinds["loop"] == "l"
+    os.symlink("nowhere", tree / "broken")
+    with pytest.raises(BundleError, match="broken symlink"):
+        Packer().add_host_path(str(tree))

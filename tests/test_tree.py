@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -298,3 +299,94 @@ def test_ldenv_runs_through_library_path(tree: Tree) -> None:
     r = tree.gproc("-ldenv", "e", "1", str(hello))
     assert r.returncode == 0, r.stderr
     assert labelled(r.stdout) == {"n4": ["hello from libgreet (-)"]}
+
+
+def test_a_client_that_stops_reading_does_not_cost_the_rack(tmp_path: Path) -> None:
+    """Backpressure from a stalled reader is not silence: no node is dropped for it."""
+    tree = start_tree(tmp_path / "tree", heartbeat=0.25)
+    try:
+        client = tree.popen("e", "1/1", "/usr/bin/yes")  # stdout piped, never read
+        time.sleep(3)
+        info = tree.gproc("i")
+        assert info.stdout.splitlines()[-1] == "8 nodes below master: 8 up, 0 lost"
+        client.kill()
+        client.wait()
+        assert tree.gproc("e", "./.", "/bin/true").returncode == 0
+        assert all(tree.launcher.pid(n) for n in ALL)
+    finally:
+        tree.launcher.down()
+
+
+def test_cancel_right_after_the_plan_kills_every_program(tree: Tree) -> None:
+    """The client goes away while nodes are still starting the program."""
+    import socket as sockets
+
+    from gproc.client import ExecOptions, build_job
+    from gproc.wire import BlockingConn
+
+    tag = "4343.5"
+    tree.gproc("e", "./.", "/bin/sleep", "0")  # the program is cached on every node now
+    header, _ = build_job(ExecOptions(spec="./.", argv=["/bin/sleep", tag]))
+    for _ in range(3):
+        sock = sockets.socket(sockets.AF_UNIX)
+        sock.connect(tree.uds)
+        conn = BlockingConn(sock)
+        conn.send(header)
+        while (frame := conn.recv()) is not None and frame["t"] != "need":
+            pass
+        conn.close()
+    deadline = time.monotonic() + 10
+    while sleepers(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sleepers(tag) == []
+
+
+def test_a_child_with_a_malformed_subtree_is_dropped(tree: Tree) -> None:
+    import asyncio
+
+    from gproc.keys import load_key
+    from gproc.stream import Conn, handshake
+
+    async def register() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", tree.launcher.settings.cmdport)
+        conn = Conn(reader, writer)
+        await handshake(conn, load_key(tree.launcher.settings.key), "dial", "slave")
+        await conn.send(
+            {
+                "t": "register",
+                "id": 9,
+                "name": "odd",
+                "addr": "x:1",
+                "children": [{"id": 1, "state": "up"}],
+            }
+        )
+        await conn.recv()
+        await conn.close()
+
+    asyncio.run(register())
+    info = tree.gproc("i")
+    assert info.returncode == 0 and "odd" not in info.stdout, info.stderr
+    assert tree.gproc("e", "./.", "/bin/true").returncode == 0
+
+
+def test_a_stopped_node_is_forgotten_not_lost(own_tree: Tree) -> None:
+    os.kill(own_tree.pid("n6"), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while "n6" in own_tree.gproc("i").stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "n6" not in own_tree.gproc("i").stdout
+    r = own_tree.gproc("e", "2/.", "/bin/true")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_reader_that_leaves_ends_gproc_quietly(tree: Tree) -> None:
+    switches = " ".join(tree.switches())
+    script = (
+        f"{sys.executable} -m gproc {switches} e 1 /usr/bin/seq 200000 | head -1; "
+        'echo "status ${PIPESTATUS[0]}" >&2'
+    )
+    r = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=tree.root
+    )
+    assert r.stdout == "n4: 1\n"
+    assert r.stderr.strip().splitlines() == [f"status {128 + signal.SIGPIPE}"]
