@@ -111,7 +111,8 @@ def do_status(cluster: Cluster) -> int:
     tree = _tree_or_none(cluster) if running else None
     print(f"{'HOST':10} {'ADDRESS':15} {'CONTAINER':10} {'SSHD':5} TREE")
     front = boxes.get(cluster.container_name(plan.front_end), "missing")
-    print(f"{plan.front_end:10} {plan.front_end_address:15} {front:10} {'':5} master")
+    where = "-" if tree is None else "master"
+    print(f"{plan.front_end:10} {plan.front_end_address:15} {front:10} {'':5} {where}")
     for n in plan.nodes:
         state = boxes.get(cluster.container_name(n.name), "missing")
         sshd = "down" if n.name in sshd_down else "up"

@@ -15,7 +15,8 @@ Bringing 81 containers up costs most of a minute, so ``pytest harness/`` and
 Tests that break or reconfigure the cluster (faults, the kf locale, ``-p=false``) take the
 cluster exclusively (an ``flock`` write lock); the others share it (a read lock), so under
 xdist a rack master is never killed under another worker's job. Exclusive tests heal the
-cluster before they release it.
+cluster before they release it. The gproc-deploy tests hold it exclusively for their whole
+module (``bare_cluster``): they need it without the harness's daemons.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import io
 import os
 import shlex
 import tarfile
+import time
 from pathlib import Path
 
 from .plan import Plan
@@ -121,12 +122,13 @@ def frontend_archive(where: Path) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         top = tarfile.TarInfo("root/.ssh")
-        top.type, top.mode = tarfile.DIRTYPE, 0o700
+        top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o700, int(time.time())
         tar.addfile(top)
         for name in ("id_ed25519", "id_ed25519.pub", "known_hosts"):
             path = where / "frontend" / name
             info = tarfile.TarInfo(f"root/.ssh/{name}")
             info.size, info.mode = path.stat().st_size, path.stat().st_mode & 0o777
+            info.mtime = top.mtime
             tar.addfile(info, io.BytesIO(path.read_bytes()))
     return buf.getvalue()
 
