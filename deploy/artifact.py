@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.resources
 import io
-import shutil
 import tempfile
 import zipfile
+from importlib.abc import Traversable
 from pathlib import Path
 
 import gproc
@@ -36,15 +37,24 @@ VENDORED = ("msgpack", "elftools")
 
 
 def _stage(into: Path) -> None:
-    """Lay the three mapped packages out as one ``gproc`` package tree."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(Path(gproc.__file__).parent, into / "gproc", ignore=ignore)
+    """Lay the three mapped packages out as one ``gproc`` package tree, vendored next to it."""
+    _copy(importlib.resources.files(gproc), into / "gproc")
     for sub, module in (("locales", gproc.locales), ("deploy", gproc.deploy)):
-        shutil.rmtree(into / "gproc" / sub, ignore_errors=True)
-        shutil.copytree(Path(module.__file__).parent, into / "gproc" / sub, ignore=ignore)
+        _copy(importlib.resources.files(module), into / "gproc" / sub)
     for name in VENDORED:
-        package = Path(importlib.import_module(name).__file__).parent
-        shutil.copytree(package, into / "_vendor" / name, ignore=ignore)
+        _copy(importlib.resources.files(importlib.import_module(name)), into / "_vendor" / name)
+
+
+def _copy(src: Traversable, dest: Path) -> None:
+    """Copy a package's files, whether it lives in a directory or inside a zipapp."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name == "__pycache__" or item.name.endswith(".pyc"):
+            continue
+        if item.is_dir():
+            _copy(item, dest / item.name)
+        else:
+            (dest / item.name).write_bytes(item.read_bytes())
 
 
 def build_zipapp(dest: Path) -> tuple[Path, str]:

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--locale",
-        default="local",
-        help="local, kane, kf, etchosts or a .json/.toml topology file (default local)",
+        default=None,
+        help="local, kane, kf, etchosts or a .json/.toml topology file (default: the locale "
+        "of the last up on this port, else local)",
     )
     s.add_argument("--cmdport", type=int, default=6666, help="daemons' port (default 6666)")
     s.add_argument("--uds", default=None, help="the master's Unix socket (default /tmp/g)")
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     low, high = getattr(args, "low", None), getattr(args, "high", None)
     if (low is None) != (high is None) or (low is not None and not 1 <= low <= high):
         return usage(f"bad node range {low}..{high}: give both, with 1 <= LOW <= HIGH")
+    args.locale = args.locale or remembered_locale(args.cmdport)
     try:
+        if args.command == "up" and not args.dry_run:
+            remember_locale(args.locale, args.cmdport)
         if args.locale == "local":
             return run_local(args)
         return run_ssh(args)
@@ -263,6 +267,30 @@ def last_range(state: Path) -> tuple[int, int]:
         return int(saved["low"]), int(saved["high"])
     except (OSError, ValueError, KeyError, TypeError):
         raise GprocError(f"no earlier 'up' recorded in {state}: give LOW HIGH") from None
+
+
+def _last_up() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "gproc" / "last-up.json"
+
+
+def remember_locale(locale: str, cmdport: int) -> None:
+    """So that a plain ``down`` or ``status`` acts on the tree ``up`` started."""
+    path = _last_up()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if locale.endswith((".json", ".toml")):
+        locale = os.path.abspath(locale)
+    path.write_text(json.dumps({"locale": locale, "cmdport": cmdport}))
+
+
+def remembered_locale(cmdport: int) -> str:
+    try:
+        last = json.loads(_last_up().read_text())
+        if last.get("cmdport") == cmdport and isinstance(last.get("locale"), str):
+            return last["locale"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return "local"
 
 
 if __name__ == "__main__":

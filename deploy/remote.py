@@ -8,6 +8,7 @@ host key), or it was reached and something there failed (:class:`Failed`).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,13 +61,13 @@ class Remote:
         )
         known = o.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         if os.path.exists(known):
-            conn.client.load_host_keys(known)
-        elif o.accept_new_host_keys:
-            Path(known).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            Path(known).touch(mode=0o600)
-            conn.client.load_host_keys(known)
-        policy = paramiko.AutoAddPolicy() if o.accept_new_host_keys else paramiko.RejectPolicy()
-        conn.client.set_missing_host_key_policy(policy)
+            # into the in-memory set only: paramiko's own saving rewrites the whole file,
+            # and 32 threads doing that at once lose keys
+            conn.client.get_host_keys().load(known)
+        if o.accept_new_host_keys:
+            conn.client.set_missing_host_key_policy(_RememberNewKeys(known))
+        else:
+            conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             conn.open()
         except paramiko.BadHostKeyException:
@@ -77,6 +78,11 @@ class Remote:
         except paramiko.AuthenticationException as e:
             raise Unreachable(f"authentication failed ({e}); check --user and --identity") from None
         except paramiko.SSHException as e:
+            if "No existing session" in str(e):
+                raise Unreachable(
+                    f"the SSH key exchange with {self.address} did not finish "
+                    "within --connect-timeout"
+                ) from None
             if "not found in known_hosts" in str(e):
                 raise Unreachable(
                     f"unknown host key for {self.address} (not in {known}); "
@@ -120,3 +126,24 @@ class Remote:
         except (OSError, EOFError) as e:
             raise Failed(f"upload of {local.name} failed: {e}") from None
         self.run(f"chmod {mode:o} {tmp} && mv -f {tmp} {remote}")
+
+
+_known_hosts_lock = threading.Lock()
+
+
+class _RememberNewKeys:
+    """Trust an unknown host key and append it to known_hosts, one line, under a lock.
+
+    paramiko hands over the name as known_hosts spells it (``[host]:port`` off port 22).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def missing_host_key(self, client, name: str, key) -> None:  # noqa: ANN001
+        client.get_host_keys().add(name, key.get_name(), key)
+        with _known_hosts_lock:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as f:
+                f.write(f"{name} {key.get_name()} {key.get_base64()}\n")

@@ -153,6 +153,8 @@ class SshDeployer:
         pyz, digest = build_zipapp(self.state / "gproc.pyz")
         key = Path(self.s.key)
         key_digest = hashlib.sha256(key.read_bytes()).hexdigest()
+        if self.topology is not None:  # the topology travels too: part of what must match
+            key_digest = hashlib.sha256(key.read_bytes() + self.topology.read_bytes()).hexdigest()
         self.say(f"artifact {pyz} sha256 {digest[:16]}")
 
         def copy_one(remote: Remote, host: Host) -> str:
@@ -160,7 +162,7 @@ class SshDeployer:
             have = remote.run(
                 f"mkdir -p -m 700 {d} && cat {d}/gproc.pyz.sha256 {d}/key.sha256 2>/dev/null; true"
             ).split()
-            if digest in have and key_digest in have and self.topology is None:
+            if digest in have and key_digest in have:
                 return "artifact already there"
             remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
             remote.upload(key, f"{d}/cluster.key", 0o600)

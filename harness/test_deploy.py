@@ -138,11 +138,6 @@ def test_unknown_host_key_is_refused_until_accepted(bare_cluster):
     assert by_node(run) == {n: [n] for n in names(1, 80)}
 
 
-@pytest.mark.xfail(
-    reason="deploy/remote.py: paramiko's AutoAddPolicy rewrites known_hosts from 32 threads "
-    "at once, so some accepted keys are lost (see harness/README.md)",
-    strict=False,
-)
 def test_accepted_host_keys_are_remembered(bare_cluster):
     """After ``--accept-new-host-keys`` every node's key is in the file: the next run trusts
     them all without the switch."""

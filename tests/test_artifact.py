@@ -39,3 +39,28 @@ def test_runs_a_job_without_site_packages(tmp_path: Path, tree: Tree) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert labelled(r.stdout) == {n: ["from the zipapp"] for n in ("n1", "n2", "n3", "n4")}
+
+
+def test_a_zipapp_builds_the_same_artifact(tmp_path: Path) -> None:
+    """gproc-deploy may itself run from the zipapp (the harness front-end does)."""
+    pyz, digest = build_zipapp(tmp_path / "gproc.pyz")
+    code = (
+        "import sys; from pathlib import Path; "
+        "from gproc.deploy.artifact import build_zipapp; "
+        f"print(build_zipapp(Path({str(tmp_path / 'again.pyz')!r}))[1])"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            f"import sys; sys.path[:0] = [{str(pyz)!r}]; "
+            f"sys.path.append({str(pyz) + '/_vendor'!r}); {code}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == digest

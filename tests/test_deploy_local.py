@@ -149,3 +149,30 @@ def test_nodes_without_their_rack_master_are_refused_up_front(tmp_path: Path) ->
     finally:
         deploy(env, "down", "--cmdport", str(port))
     assert daemons(port) == []
+
+
+def test_down_and_status_follow_the_locale_of_the_last_up(tmp_path: Path) -> None:
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
+    port = free_port_block(4)
+    try:
+        up = deploy(
+            env,
+            "up",
+            "1",
+            "4",
+            "--locale",
+            "local",
+            "--cmdport",
+            str(port),
+            "--uds",
+            str(tmp_path / "g"),
+        )
+        assert up.returncode == 0, up.stderr
+        status = deploy(env, "status", "--cmdport", str(port))
+        assert status.returncode == 0 and "n4" in status.stdout
+    finally:
+        r = deploy(env, "down", "--cmdport", str(port))
+    assert "stopped 5 daemons" in r.stdout
+    assert daemons(port) == []
