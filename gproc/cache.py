@@ -67,7 +67,7 @@ class BlobCache:
         return True
 
     def add(self, src: str, digest: bytes) -> None:
-        """Keep a copy of a received, verified file; evict the oldest beyond the limit."""
+        """Keep a received, verified file (a hard link to it); evict the oldest beyond the limit."""
         blob = self._blob(digest)
         if os.path.exists(blob):
             return
@@ -76,8 +76,11 @@ class BlobCache:
             return
         tmp = f"{blob}.tmp{os.getpid()}"
         try:
-            shutil.copyfile(src, tmp)
-            shutil.copymode(src, tmp)
+            try:
+                os.link(src, tmp)  # the received file itself: no second copy of its bytes
+            except OSError:
+                shutil.copyfile(src, tmp)
+                shutil.copymode(src, tmp)
             os.replace(tmp, blob)
             st = os.stat(blob)
             self.seen[blob] = (st.st_size, st.st_mtime_ns)
