@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gproc.cache import BlobCache
+from gproc.cache import BlobCache, sha256_file
 from gproc.errors import GprocError
 from gproc.wire import CHUNK
 
@@ -123,7 +123,7 @@ class Packer:
         if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{host} is not a regular file, directory or symlink; cannot ship it")
         self._put(
-            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, _sha256_file(host), src=host)
+            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, sha256_file(host), src=host)
         )
 
     def _put(self, entry: Entry) -> None:
@@ -140,14 +140,6 @@ class Packer:
 def _relative(path: str) -> str:
     rel = posixpath.normpath(path).lstrip("/")
     return rel or "."
-
-
-def _sha256_file(path: str) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.digest()
 
 
 def total_size(manifest: Iterable[Entry]) -> int:

@@ -40,7 +40,7 @@ class BlobCache:
         """Unchanged since it was cached; a blob this daemon has not seen yet is re-hashed."""
         stamp = (st.st_size, st.st_mtime_ns)
         if blob not in self.seen:
-            if _sha256(blob) != os.path.basename(blob):
+            if sha256_file(blob).hex() != os.path.basename(blob):
                 return False
             self.seen[blob] = stamp
         return self.seen[blob] == stamp
@@ -109,9 +109,10 @@ class BlobCache:
             self.seen.pop(blob, None)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> bytes:
+    """The sha256 of a file, read a MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
-    return h.hexdigest()
+    return h.digest()

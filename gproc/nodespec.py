@@ -184,7 +184,7 @@ def missing(spec: Spec, child_ids: Iterable[int]) -> list[int]:
 _NUMBERED = re.compile(r"(.*?)([0-9]+)")
 
 
-def _fold_numbers(numbers: list[int], width: int) -> str:
+def fold_numbers(numbers: list[int], width: int = 0) -> str:
     """Turn sorted unique numbers into "1-3,5", zero-padded to ``width``."""
     runs: list[list[int]] = []
     for number in numbers:
@@ -215,7 +215,7 @@ def fold(names: Iterable[str]) -> str:
     parts: list[tuple[str, int, str]] = [(name, -1, name) for name in plain]
     for (prefix, width), numbers in groups.items():
         ordered = sorted(numbers)
-        folded = _fold_numbers(ordered, width)
+        folded = fold_numbers(ordered, width)
         text = f"{prefix}{folded}" if len(ordered) == 1 else f"{prefix}[{folded}]"
         parts.append((prefix, ordered[0], text))
     return ",".join(text for _, _, text in sorted(parts))

@@ -96,14 +96,7 @@ def unreachable(spec: nodespec.Spec, trees: list[Tree], where: str) -> list[str]
 
 def _ids(numbers: list[int]) -> str:
     """Sorted ids as ranges: [3, 4, 5, 9] -> "ids 3-5,9"."""
-    runs: list[list[int]] = []
-    for n in numbers:
-        if runs and n == runs[-1][1] + 1:
-            runs[-1][1] = n
-        else:
-            runs.append([n, n])
-    text = ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
-    return f"{'ids' if len(numbers) > 1 else 'id'} {text}"
+    return f"{'ids' if len(numbers) > 1 else 'id'} {nodespec.fold_numbers(numbers)}"
 
 
 class Leg:
