@@ -87,6 +87,7 @@ class SshDeployer:
         self.uploaded = 0
         self.digest = ""
         self.lock = threading.Lock()
+        self.seconds: dict[str, float] = {}  # SSH time per host, over every phase
 
     @property
     def remote_dir(self) -> str:
@@ -136,6 +137,7 @@ class SshDeployer:
         progress = Progress(phase, len(hosts))
 
         def one(host: Host) -> None:
+            t = time.monotonic()
             try:
                 with Remote(host.name, host.address, self.s.ssh) as remote:
                     result = Result(OK, work(remote, host))
@@ -144,6 +146,7 @@ class SshDeployer:
             except Failed as e:
                 result = Result(FAILED, str(e))
             self.results[host.name] = result
+            self.seconds[host.name] = self.seconds.get(host.name, 0.0) + time.monotonic() - t
             progress.tick(result)
 
         with ThreadPoolExecutor(max_workers=max(1, self.s.parallel)) as pool:
@@ -253,9 +256,11 @@ class SshDeployer:
         self.copy(hosts)
         self.start_master()
         self.start_levels(hosts)
+        slowest = max(self.seconds, key=self.seconds.__getitem__, default="-")
         self.say(
             f"up: {len(hosts)} hosts in {time.monotonic() - t:.1f}s, artifact uploaded "
-            f"to {self.uploaded}"
+            f"to {self.uploaded}; slowest host {slowest} "
+            f"({self.seconds.get(slowest, 0.0):.1f}s over SSH)"
         )
         return self.report(hosts)
 
