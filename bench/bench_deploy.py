@@ -59,11 +59,13 @@ def deploy_up(cluster: Cluster, nodes: int) -> dict[str, object]:
     if status != "0":
         sys.exit(f"gproc-deploy up failed (exit {status}):\n{out}")
     uploaded = re.search(r"artifact uploaded to (\d+)", out)
+    worst = re.search(r"slowest host (\S+) \(([\d.]+)s over SSH\)", out)
     return {
         "start": float(start),
         "took": float(took),
         "sent": sent,
         "uploaded": int(uploaded[1]) if uploaded else -1,
+        "slowest": f"{worst[1]} ({worst[2]} s over SSH)" if worst else "not reported",
     }
 
 
@@ -106,6 +108,7 @@ def main() -> int:
             figures.append((f"gproc-deploy up 1 {args.nodes}, {run} run", f"{r['took']:.1f} s"))
             what = f"{r['sent'] / MIB:.1f} MiB, artifact uploaded to {r['uploaded']} hosts"
             figures.append((f"  front-end sent ({run})", what))
+            figures.append((f"  slowest host ({run}, gproc-deploy)", str(r["slowest"])))
             if run == "first":
                 size = int(cluster.exec(["stat", "-c", "%s", ARTIFACT]).out)
                 upload, start = slowest(cluster, float(r["start"]))  # type: ignore[arg-type]
