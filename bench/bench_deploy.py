@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_harness import MIB, TX, memory  # noqa: E402
+from bench_harness import MIB, TX, memory, print_figures  # noqa: E402
 
 from harness.cluster import Cluster  # noqa: E402
 from harness.images import build_images  # noqa: E402
@@ -120,9 +120,7 @@ def main() -> int:
     finally:
         if not args.keep:
             cluster.down(quiet=True)
-    width = max(len(k) for k, _ in figures)
-    for key, value in figures:
-        print(f"{key:<{width}}  {value}")
+    print_figures(figures)
     return 0
 
 

@@ -90,6 +90,13 @@ def engine_overhead() -> float:
     return total / 1024
 
 
+def print_figures(figures: list[tuple[str, str]]) -> None:
+    """One aligned line per figure: name, then value."""
+    width = max(len(k) for k, _ in figures)
+    for key, value in figures:
+        print(f"{key:<{width}}  {value}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=80)
@@ -119,9 +126,7 @@ def main() -> int:
     finally:
         if not args.keep:
             cluster.down(quiet=True)
-    width = max(len(k) for k, _ in figures)
-    for key, value in figures:
-        print(f"{key:<{width}}  {value}")
+    print_figures(figures)
     return 0
 
 

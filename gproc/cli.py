@@ -52,20 +52,17 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
             kw["default"] = default
         p.add_argument(f"-{name}", f"--{name}", help=help, **kw)  # type: ignore[arg-type]
 
-    def flag(name: str, help: str, on: bool = False) -> None:
+    def flag(name: str, help: str) -> None:
         add(name, help, action="store_true", dest=name)
         kw = {"default": default} if default is not None else {}
         p.add_argument(
             f"--no-{name}", action="store_false", dest=name, help=argparse.SUPPRESS, **kw
         )  # type: ignore[arg-type]
-        if on and default is None:
-            p.set_defaults(**{name: True})
 
     flag(
         "p",
         "private mount: the job's files are mounted over binRoot in the job's own mount "
         "namespace and vanish with it (default true; -p=false leaves them in binRoot)",
-        on=True,
     )
     flag("localbin", "run the node's own program instead of shipping it")
     add("debug", "log level 0-10 (0 warnings only, 1+ info, 5+ debug)", type=int, metavar="N")
