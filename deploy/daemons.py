@@ -20,7 +20,7 @@ import gproc
 from gproc.client import ClientError, fetch_tree, tree_rows
 from gproc.errors import GprocError
 from gproc.locales import Host
-from gproc.wire import Tree
+from gproc.protocol import Tree
 
 
 class LocalDaemons:

@@ -21,7 +21,7 @@ from typing import Any
 
 from gproc.cache import BlobCache, sha256_file
 from gproc.errors import GprocError
-from gproc.wire import CHUNK
+from gproc.protocol import CHUNK
 
 KINDS = ("f", "d", "l")
 

@@ -17,7 +17,26 @@ from gproc import nodespec
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.output import Printer
-from gproc.wire import VERSION, BlockingConn, Frame, ProtocolError, Tree
+from gproc.protocol import (
+    LENGTH,
+    MAX_FRAME,
+    Data,
+    Done,
+    Error,
+    Exit,
+    Frame,
+    Info,
+    JobHeader,
+    Lost,
+    Need,
+    Out,
+    Plan,
+    ProtocolError,
+    Tree,
+    TreeReply,
+    decode,
+    frame_bytes,
+)
 
 
 class ClientError(GprocError):
@@ -40,46 +59,49 @@ class ExecOptions:
     fold: bool = False
 
 
-def build_job(opts: ExecOptions) -> tuple[Frame, list[Entry]]:
+def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
     """The job header and the packed files, from the user's command line."""
     from gproc import elf
 
     nodespec.parse(opts.spec)  # fail on a bad spec before any work
     packer = Packer()
-    header: Frame = {
-        "t": "job",
-        "v": VERSION,
-        "spec": opts.spec,
-        "argv": list(opts.argv),
-        "env": dict(os.environ),
-        "cwd": os.getcwd(),
-        "private": opts.private,
-    }
-    if opts.localbin:
-        header["mode"] = "local"
-    else:
+    header = JobHeader(
+        job="",
+        spec=opts.spec,
+        argv=list(opts.argv),
+        env=dict(os.environ),
+        cwd=os.getcwd(),
+        mode="local",
+        prog="",
+        interp="",
+        libdirs=[],
+        argv0=False,
+        private=opts.private,
+        manifest=[],
+        total=0,
+    )
+    if not opts.localbin:
         prog = elf.find_program(opts.argv[0], opts.root)
+        header.prog = prog
         if elf.is_elf(elf.resolve_in_root(opts.root, prog)):
             found = elf.closure(prog, opts.root, opts.libpath, opts.skip_missing)
             for obj in found.objects:
                 packer.add_object(opts.root, obj)
-            header.update(
-                mode="env" if opts.ldenv else "loader",
-                prog=prog,
-                interp=found.interp,
-                libdirs=found.libdirs,
-                argv0=_loader_takes_argv0(opts.root, found.interp),
-            )
+            header.mode = "env" if opts.ldenv else "loader"
+            header.interp = found.interp or ""
+            header.libdirs = list(found.libdirs)
+            header.argv0 = _loader_takes_argv0(opts.root, found.interp)
         else:
             packer.add_object(opts.root, prog)
-            header.update(mode="direct", prog=prog)
+            header.mode = "direct"
     for path in opts.files:
         if not os.path.exists(path):
             raise ClientError(f"-f {path}: no such file or directory")
         packer.add_host_path(path)
-    packer.add_dir(header["cwd"])
+    packer.add_dir(header.cwd)
     manifest = packer.manifest()
-    header.update(manifest=[e.wire() for e in manifest], total=total_size(manifest))
+    header.manifest = [e.wire() for e in manifest]
+    header.total = total_size(manifest)
     return header, manifest
 
 
@@ -91,6 +113,40 @@ def _loader_takes_argv0(root: str, interp: str | None) -> bool:
 
     with open(resolve_in_root(root, interp), "rb") as f:
         return b"--argv0" in f.read()
+
+
+class BlockingConn:
+    """A framed Unix-socket connection for a client: one thread may send while one receives.
+
+    It spares every ``gproc e`` the import of asyncio. The master's socket needs no MAC: its
+    file permissions say who may connect.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+
+    def send(self, frame: Frame) -> None:
+        self.sock.sendall(frame_bytes(frame))
+
+    def recv(self) -> Frame | None:
+        """The next frame, or None on a clean end of stream between frames."""
+        head = self.rfile.read(4)
+        if not head:
+            return None
+        if len(head) < 4:
+            raise ProtocolError("connection closed inside a frame header")
+        (size,) = LENGTH.unpack(head)
+        if size > MAX_FRAME:
+            raise ProtocolError(f"frame length {size} exceeds the {MAX_FRAME}-byte cap")
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise ProtocolError(f"connection closed inside a {size}-byte frame")
+        return decode(body)
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()
 
 
 def connect(uds: str) -> BlockingConn:
@@ -132,18 +188,24 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
 def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
     """Read the master's frames until the job is done; file bytes go out from a thread."""
     while (frame := conn.recv()) is not None:
-        kind = frame["t"]
-        if kind == "plan":
-            printer.planned = list(frame.get("nodes", []))
-            printer.unreachable = list(frame.get("unreachable", []))
-        elif kind == "need":
-            sender.start(frame.get("files", []))
-        elif kind == "error":
-            raise ClientError(str(frame.get("message")))
-        elif kind == "done":
+        kind = type(frame)
+        if kind is Out:
+            printer.output(frame.node, frame.fd, frame.data)
+        elif kind is Exit:
+            printer.exited(frame.node, frame.status)
+        elif kind is Lost:
+            printer.node_lost(frame.nodes, frame.reason)
+        elif kind is Plan:
+            printer.planned = frame.nodes
+            printer.unreachable = frame.unreachable
+        elif kind is Need:
+            sender.start(frame.files)
+        elif kind is Error:
+            raise ClientError(frame.message)
+        elif kind is Done:
             return
         else:
-            _show(printer, frame)
+            raise ProtocolError(f"unexpected {kind.__name__} frame from the master")
     raise ClientError(sender.error or "the master went away before the job ended")
 
 
@@ -166,7 +228,7 @@ class Sender:
     def _send(self, needed: list[int]) -> None:
         try:
             for index, chunk in chunks(self.manifest, needed):
-                self.conn.send({"t": "data", "f": index, "b": chunk})
+                self.conn.send(Data("", index, chunk))
         except BundleError as e:
             self._abort(str(e))
         except OSError as e:
@@ -181,32 +243,18 @@ class Sender:
             pass
 
 
-def _show(printer: Printer, frame: Frame) -> None:
-    """Output, exits and losses, as they arrive (nodes with every file cached start early)."""
-    kind = frame["t"]
-    try:
-        if kind == "out":
-            printer.output(frame["node"], frame["fd"], frame["b"])
-        elif kind == "exit":
-            printer.exited(frame["node"], frame["status"])
-        elif kind == "lost":
-            printer.node_lost(frame["nodes"], frame.get("reason", "lost"))
-        else:
-            raise ProtocolError(f"unexpected {kind!r} frame from the master")
-    except (KeyError, TypeError, AttributeError):
-        raise ProtocolError(f"malformed {kind!r} frame from the master") from None
-
-
 def fetch_tree(uds: str) -> Tree:
     conn = connect(uds)
     try:
-        conn.send({"t": "info", "v": VERSION})
+        conn.send(Info())
         reply = conn.recv()
     finally:
         conn.close()
-    if reply is None or reply.get("t") != "tree":
+    if type(reply) is Error:
+        raise ClientError(reply.message)
+    if type(reply) is not TreeReply:
         raise ClientError(f"the master did not answer the info request: {reply!r}")
-    return reply["tree"]
+    return reply.tree
 
 
 def tree_rows(tree: Tree) -> list[tuple[str, str, str, int, str]]:

@@ -97,8 +97,16 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
     """Run a daemon until SIGTERM or SIGINT; a port already taken is the user's to fix."""
     from gproc.cli import run_until_signalled
 
+    async def quietly() -> None:
+        import asyncio
+
+        from gproc.stream import quiet_loop_errors
+
+        quiet_loop_errors(asyncio.get_running_loop(), log)
+        await main()
+
     try:
-        run_until_signalled(main)
+        run_until_signalled(quietly)
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             hint = " (is another daemon using this port?)" if e.errno == errno.EADDRINUSE else ""

@@ -19,9 +19,23 @@ import socket
 from gproc import nodespec
 from gproc.bundle import BundleError, Entry, check_manifest
 from gproc.errors import GprocError
-from gproc.relay import Hop, Job, Tree, check_header, expand, unreachable
+from gproc.protocol import (
+    MAX_FRAME,
+    BadJob,
+    Data,
+    Error,
+    Info,
+    JobHeader,
+    Need,
+    Plan,
+    ProtocolError,
+    Tree,
+    TreeReply,
+    VersionMismatch,
+    legacy_error,
+)
+from gproc.relay import Hop, Job, expand, unreachable
 from gproc.stream import Conn, connection_handler
-from gproc.wire import VERSION, Frame, ProtocolError
 
 log = logging.getLogger("gproc.master")
 
@@ -82,43 +96,38 @@ class Master:
 
     @connection_handler(log)
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Conn(reader, writer)
+        conn = Conn(reader, writer, limit=MAX_FRAME)
         try:
             frame = await asyncio.wait_for(conn.recv(), CLIENT_HELLO_TIMEOUT)
-            if frame is None:
-                return
-            if frame.get("v") != VERSION:
-                await conn.send(
-                    {
-                        "t": "error",
-                        "message": f"client speaks protocol version "
-                        f"{frame.get('v')!r}, this master {VERSION}",
-                    }
-                )
-            elif frame["t"] == "info":
-                await conn.send({"t": "tree", "tree": self.tree()})
-            elif frame["t"] == "job":
+            if type(frame) is Info:
+                await conn.send(TreeReply(self.tree()))
+            elif type(frame) is JobHeader:
                 await self._job(conn, frame)
-            else:
-                raise ProtocolError(f"unexpected {frame['t']!r} frame from a client")
+            elif frame is not None:
+                raise ProtocolError(f"unexpected {type(frame).__name__} frame from a client")
+        except VersionMismatch as e:
+            log.warning("client refused: %s", e)
+            writer.write(legacy_error(f"this master refuses the client: {e}"))
+        except BadJob as e:
+            await conn.send(Error(str(e)))
         except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
             log.warning("client dropped: %s", e or type(e).__name__)
         finally:
             await conn.close()
 
-    async def _job(self, conn: Conn, header: Frame) -> None:
+    async def _job(self, conn: Conn, header: JobHeader) -> None:
         checked = await self._check(conn, header)
         if checked is None:
             return
         spec, entries, nodes, missing = checked
-        await conn.send({"t": "plan", "nodes": nodes, "unreachable": missing})
+        await conn.send(Plan(nodes, missing))
         job = self.hop.new_job(header, conn, None)
-        log.info("job %s: %s on %s", job.jid, header["argv"][0], header["spec"])
+        log.info("job %s: %s on %s", job.jid, header.argv[0], header.spec)
         try:
             await job.open(spec)
             need = await job.needs()
             if not job.finished.is_set():  # else every node below already ended (or failed)
-                await conn.send({"t": "need", "files": sorted(need)})
+                await conn.send(Need("", sorted(need)))
                 await self._stream(conn, job, sum(entries[i].size for i in need))
             await self._await_end(conn, job)
         finally:
@@ -126,22 +135,19 @@ class Master:
                 log.warning("job %s: client went away; killing it everywhere", job.jid)
                 await job.kill()
 
-    async def _check(self, conn: Conn, header: Frame) -> Checked | None:
+    async def _check(self, conn: Conn, header: JobHeader) -> Checked | None:
         """Check the header against the tree; None (after telling the client) to refuse."""
         try:
-            check_header(header)
-            spec = nodespec.parse(header["spec"])
-            entries = check_manifest(header.get("manifest"), header.get("total"))
-        except (nodespec.SpecError, BundleError, ValueError) as e:
-            await conn.send({"t": "error", "message": str(e)})
+            spec = nodespec.parse(header.spec)
+            entries = await asyncio.to_thread(check_manifest, header.manifest, header.total)
+        except (nodespec.SpecError, BundleError) as e:
+            await conn.send(Error(str(e)))
             return None
         trees = self.hop.subtrees()
         nodes, missing = expand(spec, trees), unreachable(spec, trees, self.name)
         if not nodes:
-            message = (
-                f"node spec {header['spec']!r} selects no live node (see 'gproc i' for the tree)"
-            )
-            await conn.send({"t": "error", "message": message, "unreachable": missing})
+            message = f"node spec {header.spec!r} selects no live node (see 'gproc i' for the tree)"
+            await conn.send(Error(message, missing))
             return None
         return spec, entries, nodes, missing
 
@@ -152,13 +158,12 @@ class Master:
             frame = await conn.recv()
             if frame is None:
                 raise ConnectionResetError("client closed before sending every file byte")
-            index, data = frame.get("f"), frame.get("b")
-            if frame["t"] != "data" or not isinstance(data, bytes) or not isinstance(index, int):
-                raise ProtocolError(f"expected file data, got a {frame['t']!r} frame")
-            received += len(data)
+            if type(frame) is not Data:
+                raise ProtocolError(f"expected file data, got a {type(frame).__name__} frame")
+            received += len(frame.data)
             if received > total:
                 raise ProtocolError(f"client sent more than the {total} bytes asked for")
-            await job.feed(index, data)
+            await job.forward(frame.index, frame.data)
 
     async def _await_end(self, conn: Conn, job: Job) -> None:
         """Wait for the job to end, or for the client to go away (which kills it)."""

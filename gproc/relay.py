@@ -5,25 +5,61 @@ client for the master, the parent for a slave) as a header, then file chunks. Th
 the node spec against its live children, sends each selected child the header with that
 child's sub-spec, and forwards every chunk to them as it arrives, so a deep tree costs about
 one transfer time. Frames coming up from children (output, exits, losses) are passed upward
-unchanged on the hop's one upstream connection; a child that disappears mid-job is reported
-upward as a loss of every node it was to run on that has not yet reported an exit.
+on the hop's one upstream connection; a child that disappears mid-job is reported upward as a
+loss of every node it was to run on that has not yet reported an exit.
+
+Many jobs share each link, so every job has its own window on every link it crosses (see
+gproc.stream.Window and docs/PROTOCOL.md): a child sends a job's output only while the job's
+window allows, and this hop gives the window back as it passes that output on; file chunks go
+to a child only while its window for the job allows. No loop that reads a link ever waits on
+a job: a frame that arrives is either handled at once or queued within the window its sender
+was given. What one job buffers at a hop is bounded by ``(children + 1) * UP_WINDOW`` upward
+and ``(children + 1) * DOWN_WINDOW`` downward. A reader that stops reading stops its own job
+only: heartbeats and every other job go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from gproc import nodespec
-from gproc.stream import HEARTBEAT, Conn, connection_handler, handshake, keep_alive
-from gproc.wire import Frame, ProtocolError, Tree, encode
+from gproc.protocol import (
+    Bye,
+    Credit,
+    Data,
+    Done,
+    Exit,
+    Frame,
+    JobHeader,
+    Kill,
+    Lost,
+    Need,
+    Out,
+    Ping,
+    ProtocolError,
+    Refused,
+    Register,
+    Subtree,
+    Tree,
+    Welcome,
+    encode,
+)
+from gproc.session import handshake
+from gproc.stream import HEARTBEAT, Conn, RateLimited, Window, connection_handler, keep_alive
 
 log = logging.getLogger("gproc.relay")
+
+UP_WINDOW = 256 << 10  # output bytes of one job a child may send before this hop passes them on
+DOWN_WINDOW = 1 << 20  # file bytes of one job a parent may send before the child passes them on
+MAX_OUT_FRAME = 1 << 20  # the largest output frame (gproc.protocol.Out)
+MAX_UNAUTHENTICATED = 64  # connections still in their handshake; more are closed at once
+REGISTER_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -48,27 +84,9 @@ class Child:
         }
 
 
-MAX_DEPTH = 16
-
-
-def check_trees(trees: object, depth: int = 0) -> list[Tree]:
-    """A child's view of its subtree, checked field by field: it reaches every client."""
-    if not isinstance(trees, list) or depth > MAX_DEPTH:
-        raise ProtocolError("bad subtree in a register or tree frame")
-    for t in trees:
-        if not (
-            isinstance(t, dict)
-            and isinstance(t.get("id"), int)
-            and all(isinstance(t.get(k), str) for k in ("name", "addr", "state"))
-        ):
-            raise ProtocolError("bad node in a register or tree frame")
-        check_trees(t.get("children"), depth + 1)
-    return trees
-
-
 def expand(spec: nodespec.Spec, trees: list[Tree]) -> list[str]:
     """Names of the live nodes that ``spec`` selects among ``trees``, depth first."""
-    live = {t["id"]: t for t in trees if t.get("state") == "up"}
+    live = {t["id"]: t for t in trees if t["state"] == "up"}
     names: list[str] = []
     for node_id, sub in sorted(nodespec.select(spec, live).items()):
         names.append(live[node_id]["name"])
@@ -87,8 +105,8 @@ def unreachable(spec: nodespec.Spec, trees: list[Tree], where: str) -> list[str]
     out = [f"{_ids(absent)} under {where} (no such node)"] if absent else []
     for node_id, sub in sorted(nodespec.select(spec, known).items()):
         tree = known[node_id]
-        if tree.get("state") != "up":
-            out.append(f"{tree['name']} ({tree.get('state')})")
+        if tree["state"] != "up":
+            out.append(f"{tree['name']} ({tree['state']})")
         else:
             out.extend(unreachable(sub, tree["children"], tree["name"]))
     return out
@@ -100,7 +118,7 @@ def _ids(numbers: list[int]) -> str:
 
 
 class Leg:
-    """The part of a job that goes through one child: its sub-spec and who has reported."""
+    """The part of a job that goes through one child: its sub-spec, windows, who reported."""
 
     def __init__(self, child: Child, spec: nodespec.Spec):
         self.child = child
@@ -110,16 +128,35 @@ class Leg:
         self.reported: set[str] = set()
         self.done = False
         self.need: asyncio.Future[set[int]] = asyncio.get_running_loop().create_future()
+        self.window = Window(DOWN_WINDOW)  # file bytes we may still send this child
+        self.held = 0  # output bytes the child sent that we have not passed on yet
+        self.owed = 0  # output bytes passed on that we have not credited back yet
 
     def outstanding(self) -> list[str]:
         """Nodes of this leg that have neither exited nor been reported lost."""
         return [n for n in self.expected if n not in self.reported]
 
 
-class Job:
-    """One job as it passes through one hop."""
+LOCAL = None  # the source of a frame this hop's own program produced
 
-    def __init__(self, hop: Hop, jid: str, header: Frame, up: Conn, local: LocalRunner | None):
+
+class Job:
+    """One job as it passes through one hop.
+
+    Frames going up (this node's output and exit, the children's output, exits and losses,
+    and finally ``done``) wait in one queue, in order; one task sends them upstream as the
+    job's upstream window allows and credits each child for what has gone on.
+    """
+
+    def __init__(
+        self,
+        hop: Hop,
+        jid: str,
+        header: JobHeader,
+        up: Conn,
+        local: LocalRunner | None,
+        up_window: Window | None,
+    ):
         self.hop = hop
         self.jid = jid
         self.header = header
@@ -128,6 +165,14 @@ class Job:
         self.legs: dict[int, Leg] = {}
         self.finished = asyncio.Event()
         self.killed = False
+        self.ending = False
+        self.up_window = up_window  # None: upstream is a client socket, its drain is enough
+        self.local_window = Window(UP_WINDOW)
+        self.queue: collections.deque[tuple[Frame, Leg | None, int]] = collections.deque()
+        self.queued = asyncio.Event()
+        self.pump = asyncio.get_running_loop().create_task(self._pump_up())
+
+    # ------------------------------------------------------------ downward
 
     async def open_legs(self, spec: nodespec.Spec) -> None:
         """Send the header to every selected live child, each with its sub-spec."""
@@ -135,16 +180,21 @@ class Job:
             (self.hop.children[i], sub)
             for i, sub in nodespec.select(spec, self.hop.children).items()
         ]
+        bodies: dict[nodespec.Spec, bytes] = {}
         for child, sub in sorted(chosen, key=lambda pair: pair[0].node_id):
-            node_id = child.node_id
             leg = Leg(child, sub)
-            self.legs[node_id] = leg
+            self.legs[child.node_id] = leg
             child.jobs[self.jid] = self
-            frame = dict(self.header, job=self.jid, spec=nodespec.format_spec(sub))
+            if sub not in bodies:
+                header = dataclasses.replace(
+                    self.header, job=self.jid, spec=nodespec.format_spec(sub)
+                )
+                bodies[sub] = encode(header)
             try:
-                await child.conn.send(frame)
+                child.conn.write_body(bodies[sub])
             except (ConnectionError, RuntimeError) as e:
-                await self.leg_lost(leg, f"cannot send to {child.name}: {e}")
+                self.leg_lost(leg, f"cannot send to {child.name}: {e}")
+        await self._drain_legs(list(self.legs.values()))
 
     async def open(self, spec: nodespec.Spec) -> None:
         await self.open_legs(spec)
@@ -152,101 +202,165 @@ class Job:
 
     async def needs(self) -> set[int]:
         """Manifest entries some node below (or this one) still needs the bytes of."""
-        wanted = set(self.local.needed) if self.local is not None else set()
+        wanted = set(await self.local.needs()) if self.local is not None else set()
         for leg in list(self.legs.values()):
             wanted |= await leg.need
         return wanted
 
-    async def feed(self, index: int, data: bytes) -> None:
-        """Forward one chunk to the legs that need its file (all writes, then wait for all)."""
-        raw = encode({"t": "data", "job": self.jid, "f": index, "b": data})
+    async def forward(self, index: int, data: bytes) -> None:
+        """Send one chunk to the legs that need its file, each as its window allows."""
         legs = [
             leg
             for leg in self.legs.values()
             if not leg.done and leg.need.done() and index in leg.need.result()
         ]
+        if not legs:
+            return
+        body = encode(Data(self.jid, index, data))
         for leg in legs:
-            if not leg.child.conn.closed:
-                leg.child.conn.writer.write(raw)
-        if self.local is not None and index in self.local.needed:
-            self.local.feed(index, data)
+            await leg.window.take(len(data))
+            if not leg.done:
+                try:
+                    leg.child.conn.write_body(body)
+                except (ConnectionError, RuntimeError):
+                    pass  # the child loop notices and reports the leg lost
+        await self._drain_legs(legs)
+
+    @staticmethod
+    async def _drain_legs(legs: list[Leg]) -> None:
         await asyncio.gather(*(leg.child.conn.drain() for leg in legs), return_exceptions=True)
 
-    async def from_child(self, child: Child, frame: Frame) -> None:
-        """Pass a child's frame upward, keeping account of who has reported."""
+    # ------------------------------------------------------------ upward
+
+    def from_child(self, child: Child, frame: Frame) -> None:
+        """Handle a child's frame of this job at once; never waits (the child loop calls it)."""
         leg = self.legs.get(child.node_id)
         if leg is None or leg.child is not child:
             return
-        kind = frame["t"]
-        if kind == "exit" and isinstance(frame.get("node"), str):
-            leg.reported.add(frame["node"])
-        elif kind == "lost" and isinstance(frame.get("nodes"), list):
-            leg.reported.update(n for n in frame["nodes"] if isinstance(n, str))
-        if kind == "need":
-            files = frame.get("files")
-            if not leg.need.done() and isinstance(files, list):
-                leg.need.set_result({i for i in files if isinstance(i, int)})
-            return
-        if kind == "done":
+        kind = type(frame)
+        if kind is Credit:
+            leg.window.give(frame.size)
+        elif kind is Out:
+            leg.held += len(frame.data)
+            if leg.held > UP_WINDOW + MAX_OUT_FRAME:
+                raise ProtocolError(f"{child.name} overran job {self.jid}'s output window")
+            self.send_up(frame, leg, len(frame.data))
+        elif kind is Exit:
+            leg.reported.add(frame.node)
+            self.send_up(frame, leg)
+        elif kind is Lost:
+            leg.reported.update(frame.nodes)
+            self.send_up(frame, leg)
+        elif kind is Need:
+            if not leg.need.done():
+                leg.need.set_result(set(frame.files))
+        elif kind is Done:
             self._close_leg(leg)
             self.maybe_finish()
+
+    def send_up(self, frame: Frame, source: Leg | None = LOCAL, cost: int = 0) -> None:
+        """Queue a frame for upstream, behind everything of this job queued before it."""
+        if self.killed:
             return
-        if kind in ("out", "exit", "lost"):
-            await self.send_up(frame)
+        self.queue.append((frame, source, cost))
+        self.queued.set()
+
+    async def _pump_up(self) -> None:
+        """Send the job's queued frames upstream in order, under the job's window."""
+        while True:
+            if not self.queue:
+                self._pay_credits()
+                self.queued.clear()
+                await self.queued.wait()
+                continue
+            frame, source, cost = self.queue.popleft()
+            if cost and self.up_window is not None:
+                await self.up_window.take(cost)
+            try:
+                self.up.write(frame)
+                await self.up.drain()
+            except (ConnectionError, RuntimeError):
+                return  # upstream gone: the kill path tears the job down
+            if source is LOCAL:
+                self.local_window.give(cost)
+            elif cost:
+                source.held -= cost
+                source.owed += cost
+                if source.owed >= UP_WINDOW // 4:
+                    self._credit(source)
+            if type(frame) is Done:
+                self._finished()
+                return
+
+    def _pay_credits(self) -> None:
+        for leg in self.legs.values():
+            if leg.owed:
+                self._credit(leg)
+
+    def _credit(self, leg: Leg) -> None:
+        leg.child.conn.send_nowait(Credit(self.jid, leg.owed))
+        leg.owed = 0
 
     @staticmethod
     def _close_leg(leg: Leg) -> None:
         """No more frames will come through this leg: it needs nothing more, either."""
         leg.done = True
+        leg.window.close()
         if not leg.need.done():
             leg.need.set_result(set())
 
-    async def leg_lost(self, leg: Leg, reason: str) -> None:
+    def leg_lost(self, leg: Leg, reason: str) -> None:
         if leg.done:
             return
         self._close_leg(leg)
         nodes = leg.outstanding()
         leg.reported.update(nodes)
         log.warning("job %s: lost %s (%s)", self.jid, ",".join(nodes), reason)
-        await self.send_up({"t": "lost", "job": self.jid, "nodes": nodes, "reason": reason})
+        self.send_up(Lost(self.jid, nodes, reason))
         self.maybe_finish()
 
-    async def send_up(self, frame: Frame) -> None:
-        try:
-            await self.up.send(frame)
-        except (ConnectionError, RuntimeError):
-            pass  # upstream gone: the kill path tears the job down
-
     def maybe_finish(self) -> None:
-        if self.finished.is_set():
+        """Once every leg and the local run are over, queue ``done`` behind their frames."""
+        if self.ending or self.killed:
             return
         if all(leg.done for leg in self.legs.values()) and (self.local is None or self.local.done):
-            self.finished.set()
-            self.hop.jobs.pop(self.jid, None)
-            for leg in self.legs.values():
-                leg.child.jobs.pop(self.jid, None)
-            if not self.killed:
-                self.up.send_nowait({"t": "done", "job": self.jid})
+            self.ending = True
+            self.send_up(Done(self.jid))
+
+    def _finished(self) -> None:
+        if self.finished.is_set():
+            return
+        self.finished.set()
+        self.hop.jobs.pop(self.jid, None)
+        for leg in self.legs.values():
+            leg.child.jobs.pop(self.jid, None)
+            leg.window.close()
+        self.local_window.close()
+        if self.up_window is not None:
+            self.up_window.close()
 
     async def kill(self) -> None:
         """Cancel everywhere below: kill the local program and tell every open leg."""
+        if self.killed:
+            return
         self.killed = True
+        self.queue.clear()
+        self.pump.cancel()
         for leg in self.legs.values():
             if not leg.done:
-                leg.child.conn.send_nowait({"t": "kill", "job": self.jid})
+                leg.child.conn.send_nowait(Kill(self.jid))
                 self._close_leg(leg)
+        self._finished()
         if self.local is not None:
             await self.local.kill()
-        self.maybe_finish()
 
 
 class LocalRunner:
     """Runs the job on this node: what a slave plugs into its hop (see gproc.slave)."""
 
     done: bool = False
-    needed: frozenset[int] = frozenset()
 
-    def feed(self, index: int, data: bytes) -> None:  # pragma: no cover - interface
+    async def needs(self) -> frozenset[int]:  # pragma: no cover - interface
         raise NotImplementedError
 
     async def kill(self) -> None:  # pragma: no cover - interface
@@ -274,6 +388,8 @@ class Hop:
         self.lost: dict[int, Tree] = {}
         self.on_tree_change = on_tree_change
         self.server: asyncio.base_events.Server | None = None
+        self.unauthenticated = 0
+        self.refused = RateLimited(log)
 
     # ------------------------------------------------------------ the tree below
 
@@ -298,72 +414,73 @@ class Hop:
     @connection_handler(log)
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer)
+        if self.unauthenticated >= MAX_UNAUTHENTICATED:
+            self.refused.warn(
+                "%d connections are still proving the key; closing %s at once",
+                self.unauthenticated,
+                conn.peer(),
+            )
+            await conn.close()
+            return
         child: Child | None = None
         try:
-            await handshake(conn, self.key, "accept", "parent")
+            self.unauthenticated += 1
+            try:
+                await handshake(conn, self.key, dialer=False, role="parent")
+            finally:
+                self.unauthenticated -= 1
             child = await self._register(conn)
             if child is not None:
                 await self._child_loop(child)
         except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
-            log.warning(
-                "dropped %s%s: %s",
-                conn.peer(),
-                f" ({child.name})" if child else "",
-                e or type(e).__name__,
-            )
+            why = str(e) or type(e).__name__
+            if child is None:
+                self.refused.warn("refused %s: %s", conn.peer(), why)
+            else:
+                log.warning("dropped %s (%s): %s", conn.peer(), child.name, why)
         finally:
             await conn.close()
             if child is not None:
-                await self._child_gone(child)
+                self._child_gone(child)
 
     async def _register(self, conn: Conn) -> Child | None:
-        frame = await asyncio.wait_for(conn.recv(), 10)
-        if frame is None or frame.get("t") != "register":
+        frame = await asyncio.wait_for(conn.recv(), REGISTER_TIMEOUT)
+        if type(frame) is not Register:
             raise ProtocolError("peer did not register")
-        node_id, name, addr = frame.get("id"), frame.get("name"), frame.get("addr")
-        below = check_trees(frame.get("children", []))
-        if not (isinstance(node_id, int) and isinstance(name, str) and isinstance(addr, str)):
-            raise ProtocolError("bad register frame")
-        old = self.children.get(node_id)
-        if old is not None and old.name != name:
-            await conn.send(
-                {"t": "refused", "reason": f"id {node_id} under {self.name} is taken by {old.name}"}
-            )
+        old = self.children.get(frame.node_id)
+        if old is not None and old.name != frame.name:
+            reason = f"id {frame.node_id} under {self.name} is taken by {old.name}"
+            await conn.send(Refused(reason))
+            log.warning("refused %s as id %d: %s", frame.name, frame.node_id, reason)
             return None
         if old is not None:
-            log.warning("%s registered again; dropping its old connection", name)
+            log.warning("%s registered again; dropping its old connection", frame.name)
             await old.conn.close()
-        child = Child(conn, node_id, name, addr, below)
-        self.children[node_id] = child
-        self.lost.pop(node_id, None)
-        await conn.send({"t": "welcome", "parent": self.name})
-        log.info("child %s (id %d, %s) registered", name, node_id, addr)
+        child = Child(conn, frame.node_id, frame.name, frame.addr, frame.children)
+        self.children[child.node_id] = child
+        self.lost.pop(child.node_id, None)
+        await conn.send(Welcome(self.name))
+        log.info("child %s (id %d, %s) registered", child.name, child.node_id, child.addr)
         self._changed()
         return child
 
     async def _child_loop(self, child: Child) -> None:
+        """Read a child's frames; nothing here waits on a job (see the module docstring)."""
         while (frame := await child.conn.recv()) is not None:
-            kind = frame["t"]
-            if kind == "tree":
-                child.below = check_trees(frame.get("children"))
-                self._changed()
-            elif kind in ("out", "exit", "lost", "done", "need"):
-                job = child.jobs.get(frame.get("job"))
+            kind = type(frame)
+            if kind in (Out, Exit, Lost, Need, Done, Credit):
+                job = child.jobs.get(frame.job)
                 if job is not None:
-                    # while upstream is slow to take this frame we read nothing from the
-                    # child: that is backpressure, not silence
-                    child.conn.busy += 1
-                    try:
-                        await job.from_child(child, frame)
-                    finally:
-                        child.conn.busy -= 1
-                        child.conn.last_heard = time.monotonic()
-            elif kind == "bye":
+                    job.from_child(child, frame)
+            elif kind is Subtree:
+                child.below = frame.children
+                self._changed()
+            elif kind is Bye:
                 child.leaving = True
-            elif kind != "ping":
-                raise ProtocolError(f"unexpected {kind!r} frame from a child")
+            elif kind is not Ping:
+                raise ProtocolError(f"unexpected {kind.__name__} frame from a child")
 
-    async def _child_gone(self, child: Child) -> None:
+    def _child_gone(self, child: Child) -> None:
         if self.children.get(child.node_id) is not child:
             return
         del self.children[child.node_id]
@@ -375,28 +492,21 @@ class Hop:
         for job in list(child.jobs.values()):
             leg = job.legs.get(child.node_id)
             if leg is not None:
-                await job.leg_lost(leg, f"connection to {child.name} lost")
+                job.leg_lost(leg, f"connection to {child.name} lost")
         self._changed()
 
     # ------------------------------------------------------------ jobs from upstream
 
     def new_job(
-        self, header: Frame, up: Conn, local: LocalRunner | None, jid: str | None = None
-    ) -> Job:
-        job = Job(self, jid or secrets.token_hex(6), header, up, local)
-        self.jobs[job.jid] = job
-        return job
-
-    async def start_job(
         self,
-        header: Frame,
+        header: JobHeader,
         up: Conn,
         local: LocalRunner | None,
-        spec: nodespec.Spec,
         jid: str | None = None,
+        up_window: Window | None = None,
     ) -> Job:
-        job = self.new_job(header, up, local, jid)
-        await job.open(spec)
+        job = Job(self, jid or secrets.token_hex(6), header, up, local, up_window)
+        self.jobs[job.jid] = job
         return job
 
     async def close(self) -> None:
@@ -408,32 +518,3 @@ class Hop:
             self.watchdog.cancel()
         for child in list(self.children.values()):
             await child.conn.close()
-
-
-def check_header(header: dict[str, Any]) -> None:
-    """The fields every hop relies on, with their types; raise ValueError naming the bad one."""
-    wanted = {"argv": list, "mode": str, "cwd": str, "env": dict, "spec": str}
-    for name, kind in wanted.items():
-        if not isinstance(header.get(name), kind):
-            raise ValueError(f"field {name!r} missing or not a {kind.__name__}")
-    if not header["argv"] or not all(isinstance(a, str) for a in header["argv"]):
-        raise ValueError("argv must be a non-empty list of strings")
-    if header["mode"] not in ("loader", "env", "local", "direct"):
-        raise ValueError(f"unknown mode {header['mode']!r}")
-    if header["mode"] != "local" and not isinstance(header.get("prog"), str):
-        raise ValueError("field 'prog' missing")
-    if not all(isinstance(d, str) for d in header.get("libdirs", [])):
-        raise ValueError("libdirs must be strings")
-    env = header["env"]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise ValueError("env must map strings to strings")
-    texts = [*header["argv"], *env, *env.values(), *header.get("libdirs", [])]
-    texts += [header.get(k) or "" for k in ("cwd", "prog", "interp")]
-    if any("\0" in t for t in texts if isinstance(t, str)):
-        raise ValueError("a NUL byte in argv, env or a path")
-    if any(not k or "=" in k for k in env):
-        raise ValueError("an environment variable name is empty or holds '='")
-    for name in ("prog", "interp", "cwd"):
-        value = header.get(name)
-        if isinstance(value, str) and (not value.startswith("/") or "/../" in value + "/"):
-            raise ValueError(f"field {name!r} is not a clean absolute path")

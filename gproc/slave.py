@@ -10,9 +10,9 @@ parent goes away: its jobs are killed and its children, seeing it go, exit in tu
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Coroutine
@@ -23,16 +23,34 @@ from typing import Any
 from gproc import nodespec, sandbox
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
-from gproc.relay import Hop, Job, LocalRunner, check_header
-from gproc.stream import HEARTBEAT, Conn, handshake, keep_alive
-from gproc.wire import Frame, ProtocolError
+from gproc.protocol import (
+    BadJob,
+    Bye,
+    Credit,
+    Data,
+    Done,
+    Exit,
+    Frame,
+    JobHeader,
+    Kill,
+    Need,
+    Out,
+    Ping,
+    ProtocolError,
+    Refused,
+    Register,
+    Subtree,
+    Welcome,
+)
+from gproc.relay import DOWN_WINDOW, UP_WINDOW, Hop, Job, LocalRunner
+from gproc.session import handshake
+from gproc.stream import HEARTBEAT, Conn, Window, keep_alive
 
 log = logging.getLogger("gproc.slave")
 
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 EXIT_KILLED = 128 + 9
-JOB_ID = re.compile(r"[0-9a-f]{1,32}")
 RETRY_SECONDS = 0.5
 
 
@@ -57,7 +75,7 @@ class NodeConfig:
         return self.bin_root.rstrip("/") + ".cache"
 
 
-def program_argv(header: Frame, root: str) -> list[str]:
+def program_argv(header: JobHeader, root: str) -> list[str]:
     """The argv to exec for a job whose files sit under ``root``.
 
     The default runs the shipped loader with the shipped library directories, so a node whose
@@ -65,71 +83,102 @@ def program_argv(header: Frame, root: str) -> list[str]:
     LD_LIBRARY_PATH way; ``local`` runs the node's own program; ``direct`` execs a shipped
     non-ELF file (a script) as it is.
     """
-    argv, mode = list(header["argv"]), header["mode"]
+    argv, mode = list(header.argv), header.mode
     if mode == "local":
         return argv
-    prog = root + header["prog"]
-    if mode == "loader" and header.get("interp"):
-        dirs = ":".join(root + d for d in header.get("libdirs", []))
-        extra = ["--argv0", argv[0]] if header.get("argv0") else []
-        return [root + header["interp"], "--library-path", dirs, *extra, prog, *argv[1:]]
+    prog = root + header.prog
+    if mode == "loader" and header.interp:
+        dirs = ":".join(root + d for d in header.libdirs)
+        extra = ["--argv0", argv[0]] if header.argv0 else []
+        return [root + header.interp, "--library-path", dirs, *extra, prog, *argv[1:]]
     return [prog, *argv[1:]]
 
 
-def program_env(header: Frame, root: str, node: str, jid: str) -> dict[str, str]:
-    env = {str(k): str(v) for k, v in header.get("env", {}).items()}
+def program_env(header: JobHeader, root: str, node: str, jid: str) -> dict[str, str]:
+    env = dict(header.env)
     env.update(GPROC_NODE=node, GPROC_JOB=jid)
-    if header["mode"] == "env" and header.get("libdirs"):
-        env["LD_LIBRARY_PATH"] = ":".join(root + d for d in header["libdirs"])
+    if header.mode == "env" and header.libdirs:
+        env["LD_LIBRARY_PATH"] = ":".join(root + d for d in header.libdirs)
     return env
 
 
 class NodeRun(LocalRunner):
-    """This node's share of a job: unpack as chunks arrive, then run and report."""
+    """This node's share of a job: unpack as chunks arrive, then run and report.
+
+    Every step that touches the disk (checking the manifest, making the staging tree, copying
+    cached files, writing chunks, removing the staging tree) runs in a worker thread, so the
+    daemon keeps relaying and answering heartbeats while a large job unpacks.
+    """
 
     def __init__(
         self,
         node: NodeConfig,
-        header: Frame,
-        jid: str,
+        header: JobHeader,
         problem: str | None = None,
         cache: BlobCache | None = None,
     ):
         self.node = node
         self.header = header
-        self.jid = jid
+        self.jid = header.job
         self.job: Job | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.error = problem
         self.killed = False
         self.task: asyncio.Task[None] | None = None
-        self.private = bool(header.get("private", True))
-        self.files_root = os.path.join(node.stage_root, jid) if self.private else node.bin_root
+        self.private = header.private
+        self.files_root = os.path.join(node.stage_root, self.jid) if self.private else node.bin_root
+        self.cache = cache
         self.unpacker: Unpacker | None = None
-        if problem:
-            return
-        try:
-            entries = check_manifest(header.get("manifest"), header.get("total"))
-            self.unpacker = Unpacker(Path(self.files_root), entries, jid, cache)
-            self.needed = frozenset(self.unpacker.needed)
-        except (BundleError, OSError) as e:
-            self.error = f"bundle refused: {e}"
+        self.prepared: asyncio.Task[frozenset[int]] | None = None
+        self.needed: frozenset[int] = frozenset()
 
     def attach(self, job: Job) -> None:
+        """Start preparing the files (in a thread); launch once nothing more is needed."""
         self.job = job
-        if self.error or (self.unpacker is not None and self.unpacker.complete):
-            self._launch()
+        self.prepared = asyncio.get_running_loop().create_task(self._prepare())
 
-    def feed(self, index: int, data: bytes) -> None:
+    async def _prepare(self) -> frozenset[int]:
+        if not self.error:
+            try:
+                self.unpacker = await asyncio.to_thread(self._unpacker)
+            except (BundleError, OSError) as e:
+                self.error = f"bundle refused: {e}"
+            except Exception as e:  # anything a strange job does to us costs that job only
+                log.warning("job %s: %r", self.jid, e)
+                self.error = f"cannot take the job: {e}"
+        if self.error or self.unpacker is None or self.unpacker.complete:
+            self._launch()
+            return frozenset()
+        self.needed = frozenset(self.unpacker.needed)
+        return self.needed
+
+    def _unpacker(self) -> Unpacker:
+        entries = check_manifest(self.header.manifest, self.header.total)
+        return Unpacker(Path(self.files_root), entries, self.jid, self.cache)
+
+    async def needs(self) -> frozenset[int]:
+        assert self.prepared is not None
+        return await self.prepared
+
+    async def feed(self, chunks: list[tuple[int, bytes]]) -> None:
+        """Write chunks of needed files (in a thread); launch when the last file is in."""
         if self.error or self.unpacker is None or self.task is not None:
             return
+        wanted = [(i, b) for i, b in chunks if i in self.needed]
+        if not wanted:
+            return
         try:
-            self.unpacker.feed(index, data)
+            await asyncio.to_thread(self._write, wanted)
         except (BundleError, OSError) as e:
             self.error = f"bundle refused: {e}"
-            self.unpacker.abort()
+            await asyncio.to_thread(self.unpacker.abort)
         if self.error or self.unpacker.complete:
             self._launch()
+
+    def _write(self, chunks: list[tuple[int, bytes]]) -> None:
+        assert self.unpacker is not None
+        for index, data in chunks:
+            self.unpacker.feed(index, data)
 
     def _launch(self) -> None:
         if self.task is None:
@@ -142,9 +191,9 @@ class NodeRun(LocalRunner):
                 if not self.error
                 else await self._fail(self.error, EXIT_CANNOT_RUN)
             )
-            await self._up({"t": "exit", "job": self.jid, "node": self.node.name, "status": status})
+            self._up(Exit(self.jid, self.node.name, status))
         finally:
-            self._cleanup()
+            await self._cleanup()
             self.done = True
             if self.job is not None:
                 self.job.maybe_finish()
@@ -155,7 +204,7 @@ class NodeRun(LocalRunner):
         launch = sandbox.Launch(
             argv=program_argv(self.header, root),
             env=program_env(self.header, root, self.node.name, self.jid),
-            cwd=root + self.header["cwd"],
+            cwd=root + self.header.cwd,
             bind=(self.files_root, root) if self.private else None,
         )
         if self.killed:
@@ -179,35 +228,29 @@ class NodeRun(LocalRunner):
         return status
 
     async def _pump(self, stream: asyncio.StreamReader | None, fd: int) -> None:
-        assert stream is not None
+        """The program's output, up the tree as fast as the job's reader takes it."""
+        assert stream is not None and self.job is not None
+        window = self.job.local_window
         while chunk := await stream.read(64 << 10):
-            await self._up(
-                {"t": "out", "job": self.jid, "node": self.node.name, "fd": fd, "b": chunk}
-            )
+            await window.take(len(chunk))
+            self._up(Out(self.jid, self.node.name, fd, chunk), len(chunk))
 
     async def _fail(self, message: str, status: int) -> int:
         log.warning("job %s: %s", self.jid, message)
-        await self._up(
-            {
-                "t": "out",
-                "job": self.jid,
-                "node": self.node.name,
-                "fd": 2,
-                "b": f"gproc: {message}\n".encode(),
-            }
-        )
+        self._up(Out(self.jid, self.node.name, 2, f"gproc: {message}\n".encode()))
         return status
 
-    async def _up(self, frame: Frame) -> None:
-        if self.job is not None and not self.job.killed:
-            await self.job.send_up(frame)
+    def _up(self, frame: Frame, cost: int = 0) -> None:
+        if self.job is not None:
+            self.job.send_up(frame, cost=cost)
 
-    def _cleanup(self) -> None:
-        if self.unpacker is not None:
-            self.unpacker.abort()
+    async def _cleanup(self) -> None:
+        unpacker, self.unpacker = self.unpacker, None
+        if unpacker is not None:
+            await asyncio.to_thread(unpacker.abort)
         if self.private:
             t = time.perf_counter()
-            shutil.rmtree(self.files_root, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, self.files_root, True)
             log.debug(
                 "job %s: staging removed in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3
             )
@@ -216,14 +259,54 @@ class NodeRun(LocalRunner):
         self.killed = True
         if self.proc is not None:
             sandbox.kill_group(self.proc)
+        if self.prepared is not None and not self.prepared.done():
+            await asyncio.gather(self.prepared, return_exceptions=True)
         if self.task is None:
-            self._cleanup()
+            await self._cleanup()
             self.done = True
         elif not self.task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self.task), 5)
             except asyncio.TimeoutError:
                 log.error("job %s: program did not die after SIGKILL", self.jid)
+
+
+class Inflow:
+    """A job's file chunks arriving from the parent: queued within the window granted, then
+    written here (in a thread) and forwarded below, and credited back to the parent."""
+
+    def __init__(self, job: Job, run: NodeRun, parent: Conn):
+        self.job = job
+        self.run = run
+        self.parent = parent
+        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.held = 0
+        self.arrived = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    def accept(self, frame: Data) -> None:
+        """Called by the parent loop: never waits; a parent that overruns the window is cut."""
+        self.held += len(frame.data)
+        if self.held > DOWN_WINDOW + len(frame.data):
+            raise ProtocolError(f"the parent overran job {self.job.jid}'s file window")
+        self.queue.append((frame.index, frame.data))
+        self.arrived.set()
+
+    async def _pump(self) -> None:
+        while not self.job.finished.is_set():
+            if not self.queue:
+                self.arrived.clear()
+                await self.arrived.wait()
+                continue
+            batch = list(self.queue)
+            self.queue.clear()
+            local = asyncio.ensure_future(self.run.feed(batch))
+            for index, data in batch:
+                await self.job.forward(index, data)
+            await local
+            size = sum(len(data) for _, data in batch)
+            self.held -= size
+            self.parent.send_nowait(Credit(self.job.jid, size))
 
 
 # ---------------------------------------------------------------- the daemon
@@ -248,28 +331,20 @@ async def dial_parent(host: str, port: int, key: bytes, name: str) -> Conn:
                 )
             await asyncio.sleep(RETRY_SECONDS)
     conn = Conn(reader, writer)
-    await handshake(conn, key, "dial", "slave")
+    await handshake(conn, key, dialer=True, role="slave")
     return conn
 
 
 async def register(conn: Conn, hop: Hop, addr: str) -> str:
-    await conn.send(
-        {
-            "t": "register",
-            "id": hop.node_id,
-            "name": hop.name,
-            "addr": addr,
-            "children": hop.subtrees(),
-        }
-    )
+    await conn.send(Register(hop.node_id, hop.name, addr, hop.subtrees()))
     reply = await asyncio.wait_for(conn.recv(), 10)
     if reply is None:
         raise ProtocolError("parent closed the connection during registration")
-    if reply.get("t") == "refused":
-        raise ProtocolError(f"parent refused registration: {reply.get('reason')}")
-    if reply.get("t") != "welcome":
+    if type(reply) is Refused:
+        raise ProtocolError(f"parent refused registration: {reply.reason}")
+    if type(reply) is not Welcome:
         raise ProtocolError("parent did not welcome us")
-    return str(reply.get("parent", "?"))
+    return reply.parent
 
 
 class Slave:
@@ -292,14 +367,15 @@ class Slave:
         self.up: Conn | None = None
         self.cache: BlobCache | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.inflows: dict[str, Inflow] = {}
 
     def _tree_changed(self) -> None:
         if self.up is not None:
-            self.up.send_nowait({"t": "tree", "children": self.hop.subtrees()})
+            self.up.send_nowait(Subtree(self.hop.subtrees()))
 
     async def run(self) -> None:
         """Serve children, join the parent, relay jobs until the parent goes away."""
-        _empty(self.node.stage_root)  # what a killed predecessor left behind
+        await asyncio.to_thread(_empty, self.node.stage_root)  # a killed predecessor's leftovers
         if self.node.cache_bytes > 0:
             self.cache = BlobCache(Path(self.node.cache_root), self.node.cache_bytes)
         await self.hop.serve(*self.listen)
@@ -325,7 +401,7 @@ class Slave:
             log.warning("%s: parent gone (%s); killing jobs and exiting", self.node.name, e)
         except asyncio.CancelledError:
             log.info("%s: stopping", self.node.name)
-            conn.send_nowait({"t": "bye"})  # stopped, not lost: the parent forgets us
+            conn.send_nowait(Bye())  # stopped, not lost: the parent forgets us
             raise
         finally:
             watchdog.cancel()
@@ -333,38 +409,69 @@ class Slave:
             await conn.close()
 
     async def _parent_loop(self, conn: Conn) -> None:
-        while (frame := await conn.recv()) is not None:
-            kind, jid = frame["t"], frame.get("job")
-            if kind == "job":
-                if isinstance(jid, str) and JOB_ID.fullmatch(jid) and jid not in self.hop.jobs:
-                    await self._start(frame, jid, conn)
+        """Read the parent's frames; nothing here waits on a job."""
+        while True:
+            try:
+                frame = await conn.recv()
+            except BadJob as e:
+                self._refuse(e, conn)
+                continue
+            if frame is None:
+                return
+            kind = type(frame)
+            if kind is JobHeader:
+                if frame.job in self.hop.jobs:
+                    log.warning("%s: ignored a repeated job id %s", self.node.name, frame.job)
                 else:
-                    log.warning(
-                        "%s: ignored a job with a bad or repeated id %r", self.node.name, jid
-                    )
-            elif kind == "data" and jid in self.hop.jobs and _is_chunk(frame):
-                await self.hop.jobs[jid].feed(frame["f"], frame["b"])
-            elif kind == "kill" and jid in self.hop.jobs:
-                self._spawn(self.hop.jobs[jid].kill())  # waiting for it must not stall the link
-            elif kind not in ("data", "kill", "ping"):
-                raise ProtocolError(f"unexpected {kind!r} frame from the parent")
+                    await self._start(frame, conn)
+            elif kind is Data:
+                inflow = self.inflows.get(frame.job)
+                if inflow is not None:
+                    inflow.accept(frame)
+            elif kind is Credit:
+                job = self.hop.jobs.get(frame.job)
+                if job is not None and job.up_window is not None:
+                    job.up_window.give(frame.size)
+            elif kind is Kill:
+                job = self.hop.jobs.get(frame.job)
+                if job is not None:
+                    self._spawn(job.kill())  # waiting for it must not stall the link
+            elif kind is not Ping:
+                raise ProtocolError(f"unexpected {kind.__name__} frame from the parent")
 
-    async def _start(self, header: Frame, jid: str, conn: Conn) -> None:
-        """Join the job: relay it below and run it here; a bad header fails only this job."""
+    def _refuse(self, bad: BadJob, conn: Conn) -> None:
+        """A job whose header this node cannot accept fails here, with the reason."""
+        log.warning("job %s: %s", bad.job, bad)
+        if bad.job in self.hop.jobs:
+            return
+        message = f"gproc: {self.node.name} refused the job: {bad}\n".encode()
+        for frame in (
+            Need(bad.job, []),
+            Out(bad.job, self.node.name, 2, message),
+            Exit(bad.job, self.node.name, EXIT_CANNOT_RUN),
+            Done(bad.job),
+        ):
+            conn.send_nowait(frame)
+
+    async def _start(self, header: JobHeader, conn: Conn) -> None:
+        """Join the job: relay it below and run it here; a bad spec fails only this job."""
         problem = None
         try:
-            check_header(header)
-            spec = nodespec.parse(header["spec"]) if header["spec"] else ()
-        except (nodespec.SpecError, KeyError, TypeError, ValueError) as e:
+            spec = nodespec.parse(header.spec) if header.spec else ()
+        except nodespec.SpecError as e:
             spec, problem = (), f"bad job header: {e}"
-        try:
-            run = NodeRun(self.node, header, jid, problem, self.cache)
-        except Exception as e:  # anything a strange job does to us costs that job only
-            log.warning("job %s: %r", jid, e)
-            run = NodeRun(self.node, header, jid, f"cannot take the job: {e}", self.cache)
-        job = await self.hop.start_job(header, conn, run, spec, jid=jid)
+        run = NodeRun(self.node, header, problem, self.cache)
+        job = self.hop.new_job(header, conn, run, header.job, Window(UP_WINDOW))
+        run.attach(job)
+        inflow = self.inflows[job.jid] = Inflow(job, run, conn)
+        await job.open(spec)
         self._spawn(self._report_needs(job, conn))
-        run.attach(job)  # after the report is queued: the fork must not delay the tree's answer
+        self._spawn(self._forget(job, inflow))
+
+    async def _forget(self, job: Job, inflow: Inflow) -> None:
+        await job.finished.wait()
+        inflow.task.cancel()
+        self.inflows.pop(job.jid, None)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -375,11 +482,7 @@ class Slave:
     async def _report_needs(job: Job, conn: Conn) -> None:
         """Tell the parent which files this subtree lacks, once every child has said so."""
         files = await job.needs()
-        conn.send_nowait({"t": "need", "job": job.jid, "files": sorted(files)})
-
-
-def _is_chunk(frame: Frame) -> bool:
-    return isinstance(frame.get("f"), int) and isinstance(frame.get("b"), bytes)
+        conn.send_nowait(Need(job.jid, sorted(files)))
 
 
 def _empty(directory: str) -> None:

@@ -1,66 +1,109 @@
-"""Frames over asyncio streams, as the daemons speak them: connections, the handshake,
-heartbeats, and the guard around every connection handler.
+"""Frames over asyncio streams, as the daemons speak them: connections, per-job windows,
+heartbeats, rate-limited warnings, and the guard around every connection handler.
 
-TCP connections between daemons begin with a versioned hello and a mutual challenge-response
-on the shared cluster key (HMAC-SHA256, the idea of MUNGE): each side proves it holds the key
-by MACing the other side's fresh nonce, bound to its own role so a reply cannot be reflected
-back. A peer without the key learns nothing but the two nonces.
+A :class:`Conn` reads and writes the frames of gproc.protocol. Before its handshake a TCP
+connection accepts only bodies of PREAUTH_MAX bytes (a hello or a proof): a longer length
+closes it before one byte of the body is read. After the handshake (gproc.session) every
+frame carries a MAC and may be up to MAX_FRAME bytes. Unix-socket clients need no handshake:
+the socket's permissions say who may connect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gproc.wire import VERSION, Frame, ProtocolError, body_length, decode, encode
+from gproc.protocol import (
+    LENGTH,
+    MAC,
+    MAX_FRAME,
+    PREAUTH_MAX,
+    Frame,
+    Ping,
+    ProtocolError,
+    decode,
+    encode,
+)
 
-HANDSHAKE_TIMEOUT = 10.0
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
-    """The next frame, or None on a clean end of stream between frames."""
-    try:
-        head = await reader.readexactly(4)
-    except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise ProtocolError("connection closed inside a frame header") from None
-        return None
-    size = body_length(head)
-    try:
-        body = await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise ProtocolError(f"connection closed inside a {size}-byte frame") from None
-    return decode(body)
+if TYPE_CHECKING:
+    from gproc.session import Session
 
 
 class Conn:
-    """One framed connection; writes are serialised so concurrent jobs can share it."""
+    """One framed connection; many jobs write to it, one reader loop reads it."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limit: int = PREAUTH_MAX,
+    ):
         self.reader = reader
         self.writer = writer
+        self.limit = limit
+        self.session: Session | None = None
         self._drain = asyncio.Lock()
         self.closed = False
         self.last_heard = time.monotonic()
-        self.busy = 0  # > 0 while this end is not reading because it is passing a frame on
+
+    def start_session(self, session: Session) -> None:
+        """From now on every frame in both directions carries a MAC."""
+        self.session = session
+        self.limit = MAX_FRAME
+
+    # ------------------------------------------------------------ reading
+
+    async def recv_raw(self) -> tuple[bytes | memoryview, Frame]:
+        """The next frame and its body bytes; ConnectionResetError on end of stream."""
+        try:
+            head = await self.reader.readexactly(4)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise ProtocolError("connection closed inside a frame header") from None
+            raise ConnectionResetError("connection closed") from None
+        (size,) = LENGTH.unpack(head)
+        if self.session is not None:
+            if not MAC <= size <= self.limit + MAC:
+                raise ProtocolError(f"frame length {size} outside 32..{self.limit + MAC}")
+        elif size > self.limit:
+            raise ProtocolError(f"frame length {size} exceeds the {self.limit}-byte cap")
+        try:
+            payload = await self.reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            raise ProtocolError(f"connection closed inside a {size}-byte frame") from None
+        body = self.session.open(head, payload) if self.session is not None else payload
+        frame = decode(body)
+        self.last_heard = time.monotonic()
+        return body, frame
 
     async def recv(self) -> Frame | None:
-        frame = await read_frame(self.reader)
-        self.last_heard = time.monotonic()
-        return frame
+        """The next frame, or None on a clean end of stream between frames."""
+        try:
+            return (await self.recv_raw())[1]
+        except ConnectionResetError:
+            return None
+
+    # ------------------------------------------------------------ writing
+
+    def write_body(self, body: bytes) -> None:
+        if self.closed or self.writer.is_closing():
+            raise ConnectionResetError("connection already closed")
+        if self.session is not None:
+            self.writer.write(self.session.seal(body))
+        else:
+            self.writer.write(LENGTH.pack(len(body)) + body)
+
+    def write(self, frame: Frame) -> None:
+        """Queue one frame without waiting for the socket (the caller drains when it must)."""
+        self.write_body(encode(frame))
 
     async def send(self, frame: Frame) -> None:
-        """Write one frame and wait for the buffer to drain (backpressure to the sender)."""
-        if self.closed:
-            raise ConnectionResetError("connection already closed")
-        self.writer.write(encode(frame))
+        """Write one frame and wait for the socket buffer to drain."""
+        self.write(frame)
         await self.drain()
 
     async def drain(self) -> None:
@@ -68,9 +111,11 @@ class Conn:
             await self.writer.drain()
 
     def send_nowait(self, frame: Frame) -> None:
-        """Queue one frame without waiting; for small control frames on teardown paths."""
-        if not self.closed and not self.writer.is_closing():
-            self.writer.write(encode(frame))
+        """Queue a small control frame if the connection is open; never raises."""
+        try:
+            self.write(frame)
+        except (ConnectionError, RuntimeError):
+            pass
 
     def peer(self) -> str:
         name = self.writer.get_extra_info("peername")
@@ -87,6 +132,67 @@ class Conn:
             pass
 
 
+class Window:
+    """Bytes one job may still send on one link before the receiver grants more.
+
+    As an SSH channel's or an HTTP/2 stream's window: the sender takes before it sends and
+    waits at zero; the receiver gives back what it has passed on. A sender may overshoot by
+    one frame (it waits only while the window is empty), which keeps whole frames whole.
+    """
+
+    def __init__(self, size: int):
+        self.credit = size
+        self._open = asyncio.Event()
+        if size > 0:
+            self._open.set()
+        self.closed = False
+
+    async def take(self, size: int) -> None:
+        while self.credit <= 0 and not self.closed:
+            await self._open.wait()
+        self.credit -= size
+        if self.credit <= 0 and not self.closed:
+            self._open.clear()
+
+    def give(self, size: int) -> None:
+        self.credit += size
+        if self.credit > 0:
+            self._open.set()
+
+    def close(self) -> None:
+        """The link or the job ended: nobody waits on this window any more."""
+        self.closed = True
+        self._open.set()
+
+
+class RateLimited:
+    """Warnings about refused peers: the first of each interval, then a count of the rest."""
+
+    def __init__(self, log: logging.Logger, interval: float = 10.0):
+        self.log = log
+        self.interval = interval
+        self.window_start = -interval
+        self.suppressed = 0
+        self.last = ""
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= self.interval:
+            if self.suppressed:
+                self.log.warning(
+                    "%d more like this in the last %.0fs (the last: %s)",
+                    self.suppressed,
+                    now - self.window_start,
+                    self.last,
+                )
+            self.window_start = now
+            self.suppressed = 0
+            self.log.warning(message, *args)
+        else:
+            self.suppressed += 1
+            self.last = message % args if args else message
+
+
 HEARTBEAT = 5.0
 SILENT_BEATS = 4
 
@@ -97,17 +203,18 @@ async def keep_alive(
     """Ping every peer each ``every`` seconds; close one silent for SILENT_BEATS beats.
 
     TCP alone notices neither a paused peer (its kernel still ACKs) nor a cut cable for many
-    minutes; a closed connection is how the relay learns a child or parent is gone.
+    minutes; a closed connection is how the relay learns a child or parent is gone. No reader
+    loop ever waits on a job, so a live peer is always heard.
     """
     while True:
         await asyncio.sleep(every)
         now = time.monotonic()
         for conn in list(peers()):
-            if not conn.busy and now - conn.last_heard > every * SILENT_BEATS:
+            if now - conn.last_heard > every * SILENT_BEATS:
                 log.warning("%s silent for %.0fs; dropping it", conn.peer(), now - conn.last_heard)
                 conn.writer.close()
             else:
-                conn.send_nowait({"t": "ping"})
+                conn.send_nowait(Ping())
 
 
 def connection_handler(
@@ -135,37 +242,18 @@ def connection_handler(
     return wrap
 
 
-def _mac(key: bytes, role: bytes, their_nonce: bytes, my_nonce: bytes) -> bytes:
-    return hmac.new(
-        key, b"gproc-v1|" + role + b"|" + their_nonce + my_nonce, hashlib.sha256
-    ).digest()
+def quiet_loop_errors(loop: asyncio.AbstractEventLoop, log: logging.Logger) -> None:
+    """Log the event loop's own errors in one rate-limited line, never a traceback each.
 
-
-async def handshake(conn: Conn, key: bytes, role: str, kind: str) -> Frame:
-    """Hello plus mutual HMAC proof; returns the peer's hello. ``role`` is "dial" or "accept".
-
-    ``kind`` says what this end is (for example "slave" or "master") and is carried in the hello
-    so logs can name it. Raises ProtocolError when the peer is not of this cluster.
+    When the daemon runs out of file descriptors asyncio stops accepting, retries a second
+    later and reports every failure with a traceback; a connection flood made 35,000 of
+    them. One line per interval says the same.
     """
-    return await asyncio.wait_for(_handshake(conn, key, role, kind), HANDSHAKE_TIMEOUT)
+    limited = RateLimited(log)
 
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        detail = f": {error!r}" if error is not None else ""
+        limited.warn("%s%s", context.get("message", "event loop error"), detail)
 
-async def _handshake(conn: Conn, key: bytes, role: str, kind: str) -> Frame:
-    mine = secrets.token_bytes(32)
-    await conn.send({"t": "hello", "v": VERSION, "kind": kind, "nonce": mine})
-    hello = await conn.recv()
-    if hello is None or hello.get("t") != "hello":
-        raise ProtocolError("peer did not say hello")
-    if hello.get("v") != VERSION:
-        raise ProtocolError(f"peer speaks protocol version {hello.get('v')!r}, not {VERSION}")
-    theirs = hello.get("nonce")
-    if not isinstance(theirs, bytes) or len(theirs) != 32 or theirs == mine:
-        raise ProtocolError("peer sent a bad nonce")
-    other = b"accept" if role == "dial" else b"dial"
-    await conn.send({"t": "auth", "mac": _mac(key, role.encode(), theirs, mine)})
-    auth = await conn.recv()
-    if auth is None or auth.get("t") != "auth" or not isinstance(auth.get("mac"), bytes):
-        raise ProtocolError("peer did not prove the cluster key")
-    if not hmac.compare_digest(auth["mac"], _mac(key, other, mine, theirs)):
-        raise ProtocolError("peer does not hold the cluster key")
-    return hello
+    loop.set_exception_handler(handler)

@@ -321,8 +321,8 @@ def test_cancel_right_after_the_plan_kills_every_program(tree: Tree) -> None:
     """The client goes away while nodes are still starting the program."""
     import socket as sockets
 
-    from gproc.client import ExecOptions, build_job
-    from gproc.wire import BlockingConn
+    from gproc.client import BlockingConn, ExecOptions, build_job
+    from gproc.protocol import Need
 
     tag = "4343.5"
     tree.gproc("e", "./.", "/bin/sleep", "0")  # the program is cached on every node now
@@ -332,7 +332,7 @@ def test_cancel_right_after_the_plan_kills_every_program(tree: Tree) -> None:
         sock.connect(tree.uds)
         conn = BlockingConn(sock)
         conn.send(header)
-        while (frame := conn.recv()) is not None and frame["t"] != "need":
+        while (frame := conn.recv()) is not None and type(frame) is not Need:
             pass
         conn.close()
     deadline = time.monotonic() + 10
@@ -345,22 +345,16 @@ def test_a_child_with_a_malformed_subtree_is_dropped(tree: Tree) -> None:
     import asyncio
 
     from gproc.keys import load_key
-    from gproc.stream import Conn, handshake
+    from gproc.protocol import Register
+    from gproc.session import handshake
+    from gproc.stream import Conn
 
     async def register() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", tree.launcher.settings.cmdport)
         conn = Conn(reader, writer)
-        await handshake(conn, load_key(tree.launcher.settings.key), "dial", "slave")
-        await conn.send(
-            {
-                "t": "register",
-                "id": 9,
-                "name": "odd",
-                "addr": "x:1",
-                "children": [{"id": 1, "state": "up"}],
-            }
-        )
-        await conn.recv()
+        await handshake(conn, load_key(tree.launcher.settings.key), dialer=True, role="slave")
+        await conn.send(Register(9, "odd", "x:1", [{"id": 1, "state": "up"}]))  # type: ignore[list-item]
+        assert await conn.recv() is None  # the master closes it without a word
         await conn.close()
 
     asyncio.run(register())

@@ -1,0 +1,529 @@
+"""The gproc wire protocol, version 2: every frame kind, its fields, and the one codec.
+
+Every frame kind is a small dataclass below with a numeric ``KIND`` and its fields in wire
+order. A frame travels as a msgpack array ``[KIND, field1, field2, ...]``; only the hello is a
+map (``{"t": "hello", "v": 2, ...}``), because it is the one frame a peer of another version
+must still be able to read and answer with a clear error. :func:`encode` is the only way a
+frame becomes bytes and :func:`decode` the only way bytes become a frame: it checks every
+field once (types, lengths, depth, the job header's rules) and raises :class:`ProtocolError`,
+so the rest of the code handles typed values and never spells a field name. Decoding a job
+header that is well framed but wrong raises :class:`BadJob`, which carries the job id so a
+hop can fail that one job instead of its link.
+
+docs/PROTOCOL.md describes the framing, the handshake, the session MACs, the flow control
+and the limits around these frames; gproc.session implements the handshake and the MACs.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from gproc.errors import GprocError
+
+VERSION = 2
+MAX_FRAME = 4 << 20  # largest body after authentication (a job header with a big manifest)
+PREAUTH_MAX = 1024  # largest body before authentication: a hello or a proof
+CHUNK = 256 << 10  # file bytes per data frame
+LENGTH = struct.Struct(">I")
+NONCE = 32
+MAC = 32
+MAX_TREE_DEPTH = 16
+MAX_NODES = 1 << 16  # nodes in a tree, names in a plan
+MAX_TEXT = 1 << 16  # any one string but env values and argv items
+MAX_ARG = 1 << 20  # one argv item or env value
+
+Tree = dict[str, Any]  # {"id": int, "name": str, "addr": str, "state": str, "children": [...]}
+
+JOB_ID = re.compile(r"[0-9a-f]{1,32}")
+MODES = ("loader", "env", "local", "direct")
+
+
+class ProtocolError(GprocError):
+    """The peer broke the protocol; the connection is closed with this reason logged."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the protocol; the message says which."""
+
+
+class BadJob(ProtocolError):
+    """A well-framed job header with a bad field: that job fails, the link stays up."""
+
+    def __init__(self, job: str, reason: str):
+        super().__init__(f"bad job header: {reason}")
+        self.job = job
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- field checks
+
+Check = Callable[[Any], Any]
+
+
+def _fail(what: str) -> ProtocolError:
+    return ProtocolError(what)
+
+
+def uint(limit: int = 1 << 62) -> Check:
+    def check(v: Any) -> int:
+        if type(v) is not int or not 0 <= v <= limit:
+            raise _fail(f"not an integer in 0..{limit}")
+        return v
+
+    return check
+
+
+def sint(v: Any) -> int:
+    if type(v) is not int or not -(1 << 31) <= v < 1 << 31:
+        raise _fail("not a 32-bit integer")
+    return v
+
+
+def text(limit: int = MAX_TEXT) -> Check:
+    def check(v: Any) -> str:
+        if type(v) is not str or len(v) > limit or "\0" in v:
+            raise _fail(f"not a string of at most {limit} characters without NUL")
+        return v
+
+    return check
+
+
+def blob(limit: int = MAX_FRAME, exact: int | None = None) -> Check:
+    def check(v: Any) -> bytes:
+        if type(v) is not bytes or len(v) > limit or (exact is not None and len(v) != exact):
+            raise _fail(f"not a byte string of {exact if exact is not None else limit} bytes")
+        return v
+
+    return check
+
+
+def flag(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _fail("not a boolean")
+    return v
+
+
+def texts(limit: int = MAX_NODES, each: int = MAX_TEXT) -> Check:
+    item = text(each)
+
+    def check(v: Any) -> list[str]:
+        if type(v) is not list or len(v) > limit:
+            raise _fail(f"not a list of at most {limit} strings")
+        return [item(s) for s in v]
+
+    return check
+
+
+def uints(limit: int = 1 << 20) -> Check:
+    item = uint()
+
+    def check(v: Any) -> list[int]:
+        if type(v) is not list or len(v) > limit:
+            raise _fail(f"not a list of at most {limit} integers")
+        return [item(i) for i in v]
+
+    return check
+
+
+def job_id(v: Any) -> str:
+    if type(v) is not str or not JOB_ID.fullmatch(v):
+        raise _fail("not a job id (1 to 32 hex digits)")
+    return v
+
+
+def trees(v: Any, depth: int = 0) -> list[Tree]:
+    """A subtree list: every node's fields typed, at most MAX_TREE_DEPTH levels deep."""
+    if type(v) is not list or depth > MAX_TREE_DEPTH or len(v) > MAX_NODES:
+        raise _fail(f"not a list of nodes at most {MAX_TREE_DEPTH} levels deep")
+    for node in v:
+        if type(node) is not dict or set(node) != {"id", "name", "addr", "state", "children"}:
+            raise _fail("a node is not a map of id, name, addr, state and children")
+        uint(1 << 31)(node["id"])
+        for key in ("name", "addr", "state"):
+            text(256)(node[key])
+        trees(node["children"], depth + 1)
+    return v
+
+
+def tree(v: Any) -> Tree:
+    return trees([v])[0]
+
+
+def raw_list(limit: int = 1 << 20) -> Check:
+    """A list whose items a later stage checks (a manifest, by gproc.bundle)."""
+
+    def check(v: Any) -> list[Any]:
+        if type(v) is not list or len(v) > limit:
+            raise _fail(f"not a list of at most {limit} items")
+        return v
+
+    return check
+
+
+def env_map(v: Any) -> dict[str, str]:
+    if type(v) is not dict or len(v) > 1 << 14:
+        raise _fail("not a map of at most 16384 variables")
+    for name, value in v.items():
+        text(4096)(name)
+        text(MAX_ARG)(value)
+        if not name or "=" in name:
+            raise _fail(f"variable name {name[:40]!r} is empty or holds '='")
+    return v
+
+
+# ---------------------------------------------------------------- frame kinds
+
+
+@dataclass(slots=True)
+class Frame:
+    """Base of every frame kind; ``KIND`` is its number on the wire."""
+
+    KIND: ClassVar[int] = 0
+    CHECKS: ClassVar[tuple[Check, ...]] = ()
+
+
+def _kind(code: int, *checks: Check) -> Callable[[type[Frame]], type[Frame]]:
+    def register(cls: type[Frame]) -> type[Frame]:
+        cls.KIND = code
+        cls.CHECKS = checks
+        assert len(fields(cls)) == len(checks), cls
+        assert code not in KINDS, code
+        KINDS[code] = cls
+        return cls
+
+    return register
+
+
+KINDS: dict[int, type[Frame]] = {}
+
+
+@dataclass(slots=True)
+class Hello(Frame):
+    """First frame each side of a TCP link sends (a map, readable by any version)."""
+
+    version: int
+    role: str  # what the sender is: "master", "slave", "parent"; for logs
+    nonce: bytes
+
+
+Hello.KIND = 1
+
+
+@_kind(2, blob(MAC, MAC))
+@dataclass(slots=True)
+class Proof(Frame):
+    """Proof of the cluster key over the handshake transcript (gproc.session)."""
+
+    mac: bytes
+
+
+@_kind(3, uint(1 << 31), text(256), text(256), trees)
+@dataclass(slots=True)
+class Register(Frame):
+    """Child to parent, once, right after the handshake: who it is and what lies below."""
+
+    node_id: int
+    name: str
+    addr: str
+    children: list[Tree]
+
+
+@_kind(4, text(256))
+@dataclass(slots=True)
+class Welcome(Frame):
+    parent: str
+
+
+@_kind(5, text(4096))
+@dataclass(slots=True)
+class Refused(Frame):
+    reason: str
+
+
+@_kind(6, trees)
+@dataclass(slots=True)
+class Subtree(Frame):
+    """Child to parent whenever its subtree changes."""
+
+    children: list[Tree]
+
+
+@_kind(7)
+@dataclass(slots=True)
+class Ping(Frame):
+    pass
+
+
+@_kind(8)
+@dataclass(slots=True)
+class Bye(Frame):
+    """Child to parent: I am being stopped (forget me, do not report me lost)."""
+
+
+@dataclass(slots=True)
+class JobHeader(Frame):
+    """A job, as the client sends it (``job`` empty) and as hops pass it down."""
+
+    job: str
+    spec: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    mode: str
+    prog: str
+    interp: str
+    libdirs: list[str]
+    argv0: bool
+    private: bool
+    manifest: list[Any]
+    total: int
+
+
+def _job_id_or_empty(v: Any) -> str:
+    return v if v == "" else job_id(v)
+
+
+_kind(
+    10,
+    _job_id_or_empty,
+    text(4096),
+    texts(1 << 16, MAX_ARG),
+    env_map,
+    text(4096),
+    text(16),
+    text(4096),
+    text(4096),
+    texts(256, 4096),
+    flag,
+    flag,
+    raw_list(1 << 20),
+    uint(),
+)(JobHeader)
+
+
+@_kind(11, _job_id_or_empty, uint(1 << 20), blob(CHUNK))
+@dataclass(slots=True)
+class Data(Frame):
+    """Bytes of manifest entry ``index``, in order; parent to child under the job's window."""
+
+    job: str
+    index: int
+    data: bytes
+
+
+@_kind(12, _job_id_or_empty, uints())
+@dataclass(slots=True)
+class Need(Frame):
+    """Which manifest entries this subtree lacks; child to parent (master to client)."""
+
+    job: str
+    files: list[int]
+
+
+@_kind(13, job_id, text(256), uint(2), blob(1 << 20))
+@dataclass(slots=True)
+class Out(Frame):
+    """Output of the program on ``node`` (fd 1 or 2); up the tree under the job's window."""
+
+    job: str
+    node: str
+    fd: int
+    data: bytes
+
+
+@_kind(14, job_id, text(256), sint)
+@dataclass(slots=True)
+class Exit(Frame):
+    job: str
+    node: str
+    status: int
+
+
+@_kind(15, job_id, texts(), text(4096))
+@dataclass(slots=True)
+class Lost(Frame):
+    job: str
+    nodes: list[str]
+    reason: str
+
+
+@_kind(16, job_id)
+@dataclass(slots=True)
+class Done(Frame):
+    """Everything of the job below the sender has been reported."""
+
+    job: str
+
+
+@_kind(17, job_id)
+@dataclass(slots=True)
+class Kill(Frame):
+    job: str
+
+
+@_kind(18, job_id, uint(1 << 30))
+@dataclass(slots=True)
+class Credit(Frame):
+    """The receiver took ``size`` more bytes of the job: the sender may send that many more."""
+
+    job: str
+    size: int
+
+
+@_kind(20)
+@dataclass(slots=True)
+class Info(Frame):
+    """Client to master: send me the tree."""
+
+
+@_kind(21, tree)
+@dataclass(slots=True)
+class TreeReply(Frame):
+    tree: Tree
+
+
+@_kind(22, texts(), texts())
+@dataclass(slots=True)
+class Plan(Frame):
+    """Master to client: the nodes the spec selects, and what it names that cannot run."""
+
+    nodes: list[str]
+    unreachable: list[str]
+
+
+@_kind(23, text(1 << 16), texts())
+@dataclass(slots=True)
+class Error(Frame):
+    """Master to client: the job is refused, and why."""
+
+    message: str
+    unreachable: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the job header's rules
+
+
+def check_job(header: JobHeader) -> None:
+    """The rules of a job header beyond field types; BadJob naming the first one broken."""
+
+    def bad(reason: str) -> BadJob:
+        return BadJob(header.job, reason)
+
+    if not header.argv:
+        raise bad("argv is empty")
+    if header.mode not in MODES:
+        raise bad(f"unknown mode {header.mode!r}")
+    if header.mode != "local" and not header.prog:
+        raise bad("no program to run (field prog)")
+    for name in ("prog", "interp", "cwd"):
+        value = getattr(header, name)
+        if (value or name == "cwd") and (
+            not value.startswith("/") or "/../" in value + "/" or "/./" in value + "/"
+        ):
+            raise bad(f"field {name} {value[:80]!r} is not a clean absolute path")
+    for d in header.libdirs:
+        if not d.startswith("/") or "/../" in d + "/":
+            raise bad(f"library directory {d[:80]!r} is not a clean absolute path")
+    from gproc import nodespec
+
+    try:
+        nodespec.parse(header.spec) if header.spec else ()
+    except nodespec.SpecError as e:
+        raise bad(str(e)) from None
+
+
+# ---------------------------------------------------------------- the codec
+
+
+def encode(frame: Frame) -> bytes:
+    """A frame's body (no length prefix, no MAC: gproc.session adds those)."""
+    if type(frame) is Hello:
+        value: Any = {"t": "hello", "v": frame.version, "kind": frame.role, "nonce": frame.nonce}
+    else:
+        value = [frame.KIND, *(getattr(frame, f.name) for f in fields(frame))]
+    body = msgpack.packb(value, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte cap")
+    return body
+
+
+def frame_bytes(frame: Frame) -> bytes:
+    """Length prefix and body: a frame as it travels on an unauthenticated socket."""
+    body = encode(frame)
+    return LENGTH.pack(len(body)) + body
+
+
+def _unpack(body: bytes) -> Any:
+    # Every length is capped by the body itself, and every container by what a real frame
+    # holds, so no input makes the decoder allocate far more than the bytes it was given.
+    limit = len(body)
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=min(limit, 1 << 20),
+            max_map_len=min(limit, 1 << 14),
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"undecodable frame: {type(e).__name__}") from None
+
+
+def decode(body: bytes) -> Frame:
+    """Bytes of one frame body as a checked frame, or ProtocolError (BadJob for a job)."""
+    value = _unpack(body)
+    if type(value) is dict:
+        return _hello(value)
+    if type(value) is not list or not value or type(value[0]) is not int:
+        raise ProtocolError("frame is not an array starting with its kind")
+    cls = KINDS.get(value[0])
+    if cls is None:
+        raise ProtocolError(f"unknown frame kind {value[0]}")
+    args = value[1:]
+    if len(args) != len(cls.CHECKS):
+        raise ProtocolError(f"{cls.__name__} frame has {len(args)} fields, not {len(cls.CHECKS)}")
+    checked = []
+    for f, check, arg in zip(fields(cls), cls.CHECKS, args, strict=True):
+        try:
+            checked.append(check(arg))
+        except ProtocolError as e:
+            if cls is JobHeader and f.name != "job" and type(args[0]) is str:
+                raise BadJob(args[0], f"field {f.name}: {e}") from None
+            raise ProtocolError(f"{cls.__name__} frame, field {f.name}: {e}") from None
+    frame = cls(*checked)
+    if cls is JobHeader:
+        check_job(frame)  # type: ignore[arg-type]
+    return frame
+
+
+def _hello(value: dict[Any, Any]) -> Hello:
+    version = value.get("v")
+    if version != VERSION:
+        raise VersionMismatch(
+            f"peer speaks protocol version {version!r}, this daemon {VERSION}: "
+            "run the same gproc on both (gproc-deploy up copies it)"
+        )
+    if value.get("t") != "hello":
+        raise ProtocolError("a map frame that is not a hello")
+    role, nonce = value.get("kind"), value.get("nonce")
+    if type(role) is not str or len(role) > 32:
+        raise ProtocolError("hello without a role")
+    if type(nonce) is not bytes or len(nonce) != NONCE:
+        raise ProtocolError("hello with a bad nonce")
+    return Hello(version, role, nonce)
+
+
+def legacy_error(message: str) -> bytes:
+    """An error as a protocol-1 client reads it, so an old ``gproc e`` prints why."""
+    body = msgpack.packb({"t": "error", "message": message}, use_bin_type=True)
+    return LENGTH.pack(len(body)) + body
