@@ -14,6 +14,7 @@ import signal
 import sys
 
 from gproc import nodespec
+from gproc.errors import GprocError
 
 MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
 BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing")
@@ -248,9 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         # the reader of our output left (gproc e ... | head): stop quietly, as cat would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except commands.user_errors() as e:
-        print(f"gproc: {e}", file=sys.stderr)
+    except GprocError as e:
+        print(f"gproc: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (lines joined by " / "), or its kind if it has none."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " / ".join(lines) or type(error).__name__
 
 
 def run_until_signalled(coro_factory: object) -> None:

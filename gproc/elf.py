@@ -27,7 +27,7 @@ from elftools.construct.lib.container import Container
 from elftools.elf.structs import ELFStructs
 
 
-class ClosureError(Exception):
+class ClosureError(__import__("gproc.errors").errors.GprocError):  # GprocError, imported here
     """The closure cannot be built; the message names the object and what to do about it."""
 
 

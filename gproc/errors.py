@@ -1,4 +1,11 @@
-"""The one base of every failure a user can fix: gproc prints its message and exits 1."""
+"""The one base of every failure a user can fix: gproc prints its message and exits 1.
+
+Each module's own error derives from :class:`GprocError` and keeps what its message needs,
+among them ``nodespec.SpecError`` (the spec and the position), ``locales.LocaleError``,
+``elf.ClosureError`` (the object and what to do) and ``keys.ClusterKeyError`` (the path and
+the fix). ``gproc.cli`` catches the base alone, so a new error only has to derive from it to
+reach the user as one line on standard error instead of a traceback.
+"""
 
 
 class GprocError(Exception):

@@ -10,26 +10,74 @@ The grammar is the seed's::
 parsed once, on the client, so that a typo is reported with its position before any
 byte is sent; every hop then only calls :func:`select` on the parsed form, which it
 receives as a tuple of :class:`Term`.
+
+A spec arrives from users and, at every hop, from the wire, so its cost is bounded where it
+is parsed: at most :data:`MAX_LENGTH` characters and :data:`MAX_DEPTH` levels (``1/2/.`` has
+three). The parser counts levels as it reads rather than recursing per level, and every
+function here walks a term's levels in a loop, so no spec, however deep, can exhaust the
+Python stack; the limits keep what :func:`select` and :func:`missing` do per hop small.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["SpecError", "Term", "Spec", "parse", "format_spec", "select", "missing", "fold"]
+from gproc.errors import GprocError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_ID",
+    "MAX_LENGTH",
+    "SpecError",
+    "Term",
+    "Spec",
+    "parse",
+    "depth",
+    "format_spec",
+    "select",
+    "missing",
+    "fold",
+]
 
 # Ids are small (a parent has at most a few hundred children); the cap keeps a spec like
 # 1-4000000000 from making every hop enumerate billions of ids.
 MAX_ID = 99_999
 
+# Levels one term may name: a real tree is 2 to 4 deep (master, rack masters, nodes), so 32
+# leaves room for any tree anyone builds while keeping every walk down a term short.
+MAX_DEPTH = 32
 
-class SpecError(ValueError):
-    """A malformed spec, located precisely so the user can fix it without guessing."""
+# Characters in a spec. A spec is typed by a person: 4096 is the line a terminal accepts
+# (the Linux tty's canonical input limit) and holds an explicit list of ~800 scattered ids,
+# while bounding the terms every hop matches against each of its children.
+MAX_LENGTH = 4096
+
+# How much of a long spec an error message quotes on each side of the fault.
+_QUOTE = 32
+
+
+def _quote(spec: str, position: int) -> str:
+    """The spec as an error message shows it: whole when short, else around ``position``."""
+    if len(spec) <= 2 * _QUOTE + 8:
+        return repr(spec)
+    start, end = max(position - _QUOTE, 0), min(position + _QUOTE, len(spec))
+    text = ("..." if start else "") + spec[start:end] + ("..." if end < len(spec) else "")
+    return f"{text!r} ({len(spec)} characters)"
+
+
+class SpecError(GprocError, ValueError):
+    """A malformed spec, located precisely so the user can fix it without guessing.
+
+    ``spec`` is the whole text and ``position`` the index of the fault in it; the message
+    quotes a long spec only around that position.
+    """
 
     def __init__(self, spec: str, position: int, reason: str) -> None:
-        super().__init__(f"bad node spec {spec!r} at position {position}: {reason}")
+        super().__init__(f"bad node spec {_quote(spec, position)} at position {position}: {reason}")
         self.spec = spec
         self.position = position
         self.reason = reason
@@ -51,10 +99,11 @@ Spec = tuple[Term, ...]
 
 
 _NUMBER = re.compile(r"[0-9]+")
+_ID_DIGITS = len(str(MAX_ID))
 
 
 class _Parser:
-    """Recursive descent over the spec text; keeps the position for error messages."""
+    """Descent over the spec text, a loop for a term's levels; keeps the position for errors."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -67,6 +116,11 @@ class _Parser:
         return self.text[self.pos] if self.pos < len(self.text) else ""
 
     def spec(self) -> Spec:
+        if len(self.text) > MAX_LENGTH:
+            raise self.fail(
+                f"the spec is {len(self.text)} characters long, more than {MAX_LENGTH}",
+                MAX_LENGTH,
+            )
         terms = [self.term()]
         while self.peek() == ",":
             self.pos += 1
@@ -76,11 +130,19 @@ class _Parser:
         return tuple(terms)
 
     def term(self) -> Term:
-        ids = self.nodeset()
-        if self.peek() != "/":
-            return Term(ids)
-        self.pos += 1
-        return Term(ids, self.term())
+        levels = [self.nodeset()]
+        while self.peek() == "/":
+            if len(levels) == MAX_DEPTH:
+                raise self.fail(
+                    f"the spec nests deeper than {MAX_DEPTH} levels "
+                    "(a tree is rarely more than 4 deep)"
+                )
+            self.pos += 1
+            levels.append(self.nodeset())
+        term = Term(levels[-1])
+        for ids in reversed(levels[:-1]):
+            term = Term(ids, term)
+        return term
 
     def nodeset(self) -> tuple[tuple[int, int], ...] | None:
         start = self.pos
@@ -106,11 +168,13 @@ class _Parser:
         match = _NUMBER.match(self.text, self.pos)
         if match is None:
             raise self.fail(f"expected a node number or '.' but {_describe(char)}")
-        number = int(match.group())
-        if number > MAX_ID:
-            raise self.fail(f"node id {number} is larger than {MAX_ID}")
+        digits = match.group()
+        # compare the digits before int(): a long run of them is too large whatever it says
+        if len(digits.lstrip("0")) > _ID_DIGITS or int(digits) > MAX_ID:
+            shown = digits if len(digits) <= 12 else digits[:12] + "..."
+            raise self.fail(f"node id {shown} is larger than {MAX_ID}")
         self.pos = match.end()
-        return number
+        return int(digits)
 
 
 def _describe(char: str) -> str:
@@ -122,8 +186,27 @@ def _describe(char: str) -> str:
 
 
 def parse(text: str) -> Spec:
-    """Parse a node spec; raises :class:`SpecError` naming the position of the first fault."""
+    """Parse a node spec; raises :class:`SpecError` naming the position of the first fault.
+
+    Every spec it returns has at most :data:`MAX_DEPTH` levels and comes from at most
+    :data:`MAX_LENGTH` characters.
+    """
     return _Parser(text).spec()
+
+
+def _levels(term: Term) -> list[Term]:
+    """The term and each sub below it, top first."""
+    chain = []
+    level: Term | None = term
+    while level is not None:
+        chain.append(level)
+        level = level.sub
+    return chain
+
+
+def depth(spec: Spec) -> int:
+    """Levels the deepest term of ``spec`` names (``1/2/.`` has 3); 0 for the empty spec."""
+    return max((len(_levels(term)) for term in spec), default=0)
 
 
 def _format_term(term: Term) -> list[str]:
@@ -131,14 +214,15 @@ def _format_term(term: Term) -> list[str]:
 
     The grammar gives each part one range, so a term holding several ranges (or handing
     down several) becomes one part per combination; :func:`select` treats both alike.
+    A term from :func:`parse` has one range per level, so it gives one part.
     """
-    if term.ids is None:
-        heads = ["."]
-    else:
-        heads = [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in term.ids]
-    if term.sub is None:
-        return heads
-    return [f"{head}/{tail}" for head in heads for tail in _format_term(term.sub)]
+    heads = [
+        ["."]
+        if level.ids is None
+        else [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in level.ids]
+        for level in _levels(term)
+    ]
+    return ["/".join(parts) for parts in itertools.product(*heads)]
 
 
 def format_spec(spec: Spec) -> str:
@@ -146,39 +230,60 @@ def format_spec(spec: Spec) -> str:
     return ",".join(part for term in spec for part in _format_term(term))
 
 
-def _matches(term: Term, child: int) -> bool:
-    return term.ids is None or any(lo <= child <= hi for lo, hi in term.ids)
-
-
 def select(spec: Spec, child_ids: Iterable[int]) -> dict[int, Spec]:
     """Map each live child the spec names to the sub-spec it must apply below itself.
 
     A child named by several terms gets the subs of all of them (duplicates dropped), so
     `1/2,1/3` asks child 1 to run and to hand the job on to its children 2 and 3.
+
+    Each distinct term finds its children by bisection among the sorted ids, so the work is
+    the terms plus the matches, not the terms times the children.
     """
-    chosen: dict[int, Spec] = {}
-    for child in child_ids:
-        matching = [term for term in spec if _matches(term, child)]
-        if matching:
-            subs = (term.sub for term in matching if term.sub is not None)
-            chosen[child] = tuple(dict.fromkeys(subs))
-    return chosen
+    children = list(dict.fromkeys(child_ids))
+    ordered = sorted(children)
+    subs: list[Term] = []  # distinct subs, in the order the spec first names them
+    sub_index: dict[Term, int] = {}
+    chosen: dict[int, dict[int, None]] = {}
+    for term in dict.fromkeys(spec):
+        if term.sub is None:
+            index = None
+        else:
+            index = sub_index.setdefault(term.sub, len(subs))
+            if index == len(subs):
+                subs.append(term.sub)
+        if term.ids is None:
+            hits: Iterable[int] = ordered
+        else:
+            hits = itertools.chain.from_iterable(
+                ordered[bisect_left(ordered, lo) : bisect_right(ordered, hi)] for lo, hi in term.ids
+            )
+        for child in hits:
+            found = chosen.setdefault(child, {})
+            if index is not None:
+                found[index] = None
+    return {child: tuple(subs[i] for i in chosen[child]) for child in children if child in chosen}
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ranges covering the same ids."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
 
 
 def missing(spec: Spec, child_ids: Iterable[int]) -> list[int]:
     """Ids named explicitly at this level that are not live, so they can be reported as lost.
 
-    "." means "whatever is there", so it never makes an id missing.
+    "." means "whatever is there", so it never makes an id missing. Overlapping ranges are
+    merged first, so each id is looked at once however often the spec names it.
     """
     live = set(child_ids)
-    named = {
-        child
-        for term in spec
-        if term.ids is not None
-        for lo, hi in term.ids
-        for child in range(lo, hi + 1)
-    }
-    return sorted(named - live)
+    named = _merged(r for term in spec if term.ids is not None for r in term.ids)
+    return [child for lo, hi in named for child in range(lo, hi + 1) if child not in live]
 
 
 _NUMBERED = re.compile(r"(.*?)([0-9]+)")

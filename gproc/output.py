@@ -6,6 +6,17 @@ standard output and prints identical outputs once at the end under a folded node
 (``kn[1-19]: ...``, as ``clush -b`` does). The exit status is the largest a node returned
 (128+signal for a signal); a node that was lost or could not be reached makes it 255, since
 what that node would have returned is unknown.
+
+A line is printed once its newline arrives, so the part of a line that has come so far is
+held per node and stream, in a bytearray that each chunk extends (a chunk costs its own size,
+however long the line already is). What is held is bounded: a line longer than
+:data:`MAX_LINE` (1 MiB) is printed in pieces of :data:`MAX_LINE` bytes as they fill, the
+first labelled ``kn12: `` and each continuation ``kn12+: `` (``+`` is in no node name), each
+piece ending in a newline. So a node that never prints a newline still shows its output as it
+goes, the client holds at most 1 MiB plus one chunk per node and stream, and every line of
+labelled output starts with its node. The pieces depend only on the line, not on how the
+frames cut it. Lines up to 1 MiB, which is what a person reads, come out whole; whoever needs
+longer lines byte for byte uses ``-raw``.
 """
 
 from __future__ import annotations
@@ -17,6 +28,19 @@ from typing import BinaryIO
 from gproc.nodespec import fold
 
 EXIT_LOST = 255
+
+# Longest piece of one line printed under one label; longer lines continue under "node+: ".
+MAX_LINE = 1 << 20
+
+
+class _Partial:
+    """The part of one node's line on one stream that has come but not yet its newline."""
+
+    __slots__ = ("data", "continued")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.continued = False  # pieces of this line were printed already
 
 
 class Printer:
@@ -31,7 +55,7 @@ class Printer:
         self.folded = folded
         self.out = out or sys.stdout.buffer
         self.err = err or sys.stderr.buffer
-        self.partial: dict[tuple[str, int], bytes] = {}
+        self.partial: dict[tuple[str, int], _Partial] = {}
         self.gathered: dict[str, bytearray] = defaultdict(bytearray)
         self.status: dict[str, int] = {}
         self.lost: dict[str, str] = {}
@@ -49,14 +73,45 @@ class Printer:
         if self.folded and fd == 1:
             self.gathered[node] += data
             return
-        buf = self.partial.pop((node, fd), b"") + data
-        *lines, rest = buf.split(b"\n")
-        label = node.encode() + b": "
-        if lines:
-            stream.write(b"".join(label + line + b"\n" for line in lines))
+        pending = self.partial.get((node, fd))
+        if pending is None:
+            pending = self.partial[(node, fd)] = _Partial()
+        label = node.encode()
+        out = bytearray()
+        first = data.find(b"\n")
+        if first < 0:
+            pending.data += data
+        else:
+            # the line that was pending ends here; whole lines follow, then a new partial one
+            last = data.rfind(b"\n")
+            pending.data += memoryview(data)[:first]
+            self._line(out, label, pending.data, pending.continued)
+            pending.data.clear()
+            pending.continued = False
+            if last > first:
+                for line in data[first + 1 : last].split(b"\n"):
+                    self._line(out, label, line, False)
+            pending.data += memoryview(data)[last + 1 :]
+        if len(pending.data) > MAX_LINE:
+            # print the full pieces now; keep the rest (1 to MAX_LINE bytes) for what follows
+            whole = (len(pending.data) - 1) // MAX_LINE * MAX_LINE
+            self._line(out, label, memoryview(pending.data)[:whole], pending.continued)
+            del pending.data[:whole]
+            pending.continued = True
+        if out:
+            stream.write(out)
             stream.flush()
-        if rest:
-            self.partial[(node, fd)] = rest
+
+    @staticmethod
+    def _line(
+        out: bytearray, node: bytes, line: bytes | bytearray | memoryview, cont: bool
+    ) -> None:
+        """Append ``line`` labelled with ``node``, in pieces of at most MAX_LINE bytes."""
+        view = memoryview(line)
+        for start in range(0, max(len(view), 1), MAX_LINE):
+            out += node + (b"+: " if cont or start else b": ")
+            out += view[start : start + MAX_LINE]
+            out += b"\n"
 
     def exited(self, node: str, status: int) -> None:
         self._flush_node(node)
@@ -68,11 +123,14 @@ class Printer:
             self.lost.setdefault(node, reason)
 
     def _flush_node(self, node: str) -> None:
+        """Print what a node left without a final newline, as a line of its own."""
         for fd in (1, 2):
-            rest = self.partial.pop((node, fd), None)
-            if rest:
+            pending = self.partial.pop((node, fd), None)
+            if pending and pending.data:
+                out = bytearray()
+                self._line(out, node.encode(), pending.data, pending.continued)
                 stream = self.err if fd == 2 else self.out
-                stream.write(node.encode() + b": " + rest + b"\n")
+                stream.write(out)
                 stream.flush()
 
     # ------------------------------------------------------------ at the end

@@ -19,6 +19,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
+from gproc.errors import GprocError
+
 ENTRY_POINT_GROUP = "gproc.locales"
 
 # Built-in locales by name, as "module:Class" under this package, imported only when used.
@@ -30,8 +32,11 @@ BUILTIN = {
 }
 
 
-class LocaleError(ValueError):
-    """The locale cannot place this daemon; the message says which switch fixes it."""
+class LocaleError(GprocError, ValueError):
+    """The locale cannot place this daemon; the message says which switch fixes it.
+
+    Still a ValueError, as it was, for code that catches a bad value that way.
+    """
 
 
 @dataclass(frozen=True)

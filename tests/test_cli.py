@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,10 +87,63 @@ def test_no_master_is_a_clear_error(tmp_path) -> None:
     assert "gproc-deploy up" in r.stderr
 
 
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """gproc failed as it should for a user's mistake: status 1 and one line, no traceback."""
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("gproc: ") and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
 def test_slave_of_an_unknown_locale(tmp_path) -> None:
     r = gproc("-locale", "mars", "-key", str(tmp_path / "k"), "s")
-    assert r.returncode == 1
-    assert "mars" in r.stderr and "Traceback" not in r.stderr
+    message = one_error_line(r)
+    assert "unknown locale 'mars'" in message and "local, " in message
+
+
+@pytest.mark.parametrize("spec", ["1/" * 1200 + ".", "/".join(["."] * 900)])
+def test_a_deep_spec_is_a_usage_error_not_a_traceback(tmp_path, spec: str) -> None:
+    """It used to be a RecursionError here, or at 900 levels a job the master dropped."""
+    r = gproc("-defaultMasterUDS", str(tmp_path / "none"), "e", spec, "/bin/true")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    usage, error = r.stderr.splitlines()
+    assert usage.startswith("usage: gproc")
+    assert error.startswith("gproc: error: bad node spec '...")
+    assert "at position 63: the spec nests deeper than 32 levels" in error
+    assert len(error) < 300
+
+
+def test_a_program_that_is_not_there(tmp_path) -> None:
+    r = gproc("-defaultMasterUDS", str(tmp_path / "none"), "e", ".", str(tmp_path / "nothing"))
+    assert f"{tmp_path / 'nothing'}: no executable file found" in one_error_line(r)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+def test_a_program_whose_library_is_missing(tmp_path) -> None:
+    """The closure fails on the front-end, before any master is asked: one line naming the
+    library, its user and the switches that fix it."""
+    (tmp_path / "gone.c").write_text("int gone(void) { return 0; }\n")
+    (tmp_path / "prog.c").write_text("int gone(void);\nint main(void) { return gone(); }\n")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for args in (
+        ["-shared", "-fPIC", "-o", lib / "libgone.so", tmp_path / "gone.c"],
+        ["-o", tmp_path / "prog", tmp_path / "prog.c", f"-L{lib}", "-lgone"],
+    ):
+        subprocess.run(["gcc", *map(str, args)], check=True, capture_output=True)
+    shutil.rmtree(lib)
+    r = gproc("-defaultMasterUDS", str(tmp_path / "none"), "e", ".", str(tmp_path / "prog"))
+    message = one_error_line(r)
+    assert f"libgone.so (needed by {os.path.realpath(tmp_path / 'prog')}) not found" in message
+    assert "-L" in message and "-f" in message
+
+
+def test_daemon_refuses_a_symlinked_key(tmp_path: Path) -> None:
+    real = tmp_path / "real.key"
+    assert gproc("-key", str(real), "k").returncode == 0
+    link = tmp_path / "cluster.key"
+    link.symlink_to(real)
+    message = one_error_line(gproc("-locale", "kane", "-myId", "3", "-key", str(link), "s"))
+    assert f"cluster key {link} is a symbolic link (to {real})" in message
 
 
 def test_key_mode_creates_a_private_key(tmp_path) -> None:
@@ -104,5 +160,4 @@ def test_daemon_refuses_a_key_others_can_read(tmp_path) -> None:
     key.write_text("0123456789abcdef0123456789abcdef\n")
     key.chmod(0o644)
     r = gproc("-locale", "kane", "-myId", "3", "-key", str(key), "s")
-    assert r.returncode == 1
-    assert "chmod 600" in r.stderr
+    assert "chmod 600" in one_error_line(r)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gproc.errors import GprocError
 from gproc.locales import (
     Host,
     Locale,
@@ -446,6 +447,8 @@ def test_find_through_the_entry_point_group(monkeypatch: pytest.MonkeyPatch) -> 
 def test_unknown_locale_lists_the_known_ones() -> None:
     with pytest.raises(LocaleError) as caught:
         find_locale("kame")
+    # what gproc and gproc-deploy print as one line, and old callers catch as a bad value
+    assert isinstance(caught.value, GprocError) and isinstance(caught.value, ValueError)
     message = str(caught.value)
     assert message.startswith("unknown locale 'kame': use -locale with one of ")
     for name in ("etchosts", "kane", "kf", "local", ".json", ".toml"):

@@ -2,7 +2,19 @@
 
 import pytest
 
-from gproc.nodespec import SpecError, Term, fold, format_spec, missing, parse, select
+from gproc.errors import GprocError
+from gproc.nodespec import (
+    MAX_DEPTH,
+    MAX_LENGTH,
+    SpecError,
+    Term,
+    depth,
+    fold,
+    format_spec,
+    missing,
+    parse,
+    select,
+)
 
 ALL = Term(None)
 FOUR = range(1, 5)
@@ -138,7 +150,7 @@ def test_errors_name_spec_and_position(text: str, position: int, reason: str) ->
     with pytest.raises(SpecError) as caught:
         parse(text)
     error = caught.value
-    assert isinstance(error, ValueError)
+    assert isinstance(error, GprocError) and isinstance(error, ValueError)
     assert (error.spec, error.position) == (text, position)
     assert str(error).startswith(f"bad node spec {text!r} at position {position}: ")
     assert reason in str(error)
@@ -183,3 +195,54 @@ def test_huge_ids_are_refused_before_anyone_enumerates_them() -> None:
         parse("1-4000000000")
     assert err.value.position == 2
     assert "larger than" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["/".join(["."] * 1200), "1/" * 1200 + ".", "./" * 900 + "."])
+def test_a_deep_spec_is_refused_at_the_level_past_the_limit(text: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse(text)
+    error = caught.value
+    at = 2 * MAX_DEPTH - 1  # the "/" that would open level MAX_DEPTH + 1
+    assert (error.spec, error.position) == (text, at)
+    assert f"deeper than {MAX_DEPTH} levels" in str(error)
+    assert f"at position {at}" in str(error) and f"({len(text)} characters)" in str(error)
+    assert len(str(error)) < 300  # quotes the spec around the fault, not all of it
+
+
+def test_a_spec_as_deep_as_the_limit_works_everywhere() -> None:
+    text = "/".join(["1-3"] * MAX_DEPTH)
+    spec = parse(text)
+    assert depth(spec) == MAX_DEPTH
+    assert format_spec(spec) == text
+    for level in range(MAX_DEPTH - 1):
+        chosen = select(spec, [2, 7])
+        assert list(chosen) == [2]
+        spec = chosen[2]
+        assert missing(spec, [2]) == [1, 3]
+        assert depth(spec) == MAX_DEPTH - 1 - level
+    assert select(spec, [1, 2]) == {1: (), 2: ()}
+    with pytest.raises(SpecError, match=f"deeper than {MAX_DEPTH}"):
+        parse(text + "/1")
+
+
+def test_a_long_spec_is_refused_with_its_length() -> None:
+    longest = ",".join(["1"] * (MAX_LENGTH // 2 - 1) + ["12"])
+    assert len(longest) == MAX_LENGTH and len(parse(longest)) == MAX_LENGTH // 2
+    with pytest.raises(SpecError) as caught:
+        parse(longest + ",3")
+    assert caught.value.position == MAX_LENGTH
+    assert f"{MAX_LENGTH + 2} characters long, more than {MAX_LENGTH}" in str(caught.value)
+
+
+def test_a_run_of_digits_is_one_id_or_a_clear_error() -> None:
+    assert parse("0" * 4000 + "7") == (r(7),)
+    with pytest.raises(SpecError) as caught:
+        parse("9" * 4096)  # more digits than int() converts by default
+    assert caught.value.position == 0
+    assert "node id 999999999999... is larger than 99999" in str(caught.value)
+
+
+def test_many_overlapping_ranges_name_each_missing_id_once() -> None:
+    spec = parse(",".join(["1-99999", "5-7/.", "3"] * 250))
+    assert missing(spec, range(2, 99999)) == [1, 99999]
+    assert select(spec, [1, 6]) == {1: (), 6: (ALL,)}
