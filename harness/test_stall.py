@@ -10,7 +10,7 @@ LINES = 200_000  # about 1.3 MB per node: far more than the windows and pipes on
 STALL = f"""
 rm -f /tmp/go /tmp/stall.out /tmp/stall.status /tmp/stall.read
 ( gproc e 1/. /usr/bin/seq 1 {LINES}; echo "$?" > /tmp/stall.status ) \\
-    | sh -c 'until [ -e /tmp/go ]; do sleep 0.2; done; cat >/tmp/stall.out; touch /tmp/stall.read' \\
+    | sh -c 'until [ -e /tmp/go ]; do sleep .2; done; cat >/tmp/stall.out; : >/tmp/stall.read' \\
     > /dev/null 2>&1 &
 """
 CHECK = f"""
@@ -47,9 +47,7 @@ def test_a_stalled_reader_leaves_other_jobs_alone(cluster):
     finally:
         cluster.exec(["touch", "/tmp/go"])
     ended = ["sh", "-c", "test -s /tmp/stall.status && test -e /tmp/stall.read"]
-    wait_until(
-        lambda: cluster.exec(ended).status == 0, 120, "the stalled job to end once read"
-    )
+    wait_until(lambda: cluster.exec(ended).status == 0, 120, "the stalled job to end once read")
     assert cluster.exec(["cat", "/tmp/stall.status"]).out.strip() == "0"
     check = cluster.exec(["python3", "-c", CHECK], timeout=60)
     assert check.out.strip() == "20 nodes bad: none", check.out + check.err
