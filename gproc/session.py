@@ -28,7 +28,16 @@ import secrets
 import struct
 from typing import TYPE_CHECKING
 
-from gproc.protocol import LENGTH, MAC, VERSION, Hello, Proof, ProtocolError, encode
+from gproc.protocol import (
+    LENGTH,
+    MAC,
+    VERSION,
+    Hello,
+    Proof,
+    ProtocolError,
+    VersionMismatch,
+    encode,
+)
 
 if TYPE_CHECKING:
     from gproc.stream import Conn
@@ -108,7 +117,12 @@ async def _handshake(conn: Conn, key: bytes, dialer: bool, role: str) -> Hello:
     my_body = encode(mine)
     if dialer:
         conn.write_body(my_body)
-    their_body, theirs = await conn.recv_raw()
+    try:
+        their_body, theirs = await conn.recv_raw()
+    except VersionMismatch:
+        if not dialer:  # our hello tells a peer of another version which one we speak
+            conn.write_body(my_body)
+        raise
     if not isinstance(theirs, Hello):
         raise ProtocolError("peer did not say hello")
     if theirs.nonce == mine.nonce:

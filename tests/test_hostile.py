@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 
 import msgpack
 import pytest
@@ -147,3 +148,19 @@ def test_hostile_manifest_is_refused_before_fanout(tree: Tree) -> None:
 def test_frame_cap_is_enforced_on_send() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
         encode(Out("ab", "n1", 1, b"x" * (MAX_FRAME + 1)))
+
+
+def test_a_version_1_peer_learns_which_version_we_speak(tree: Tree) -> None:
+    """A daemon of the old protocol gets our hello (so it can say why) and is refused."""
+    v1_hello = {"t": "hello", "v": 1, "kind": "slave", "nonce": b"n" * 32}
+    body = msgpack.packb(v1_hello, use_bin_type=True)
+    got = raw_exchange(master_port(tree), struct.pack(">I", len(body)) + body)
+    (size,) = struct.unpack(">I", got[:4])
+    reply = msgpack.unpackb(got[4 : 4 + size])
+    assert reply["t"] == "hello" and reply["v"] == 2
+    log = tree.root / "state" / "master.log"
+    deadline = time.monotonic() + 10
+    while "protocol version 1" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    run_job(tree)
