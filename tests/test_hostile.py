@@ -21,6 +21,7 @@ from gproc.protocol import (
     Out,
     ProtocolError,
     Register,
+    decode,
     encode,
     frame_bytes,
 )
@@ -163,4 +164,24 @@ def test_a_version_1_peer_learns_which_version_we_speak(tree: Tree) -> None:
     while "protocol version 1" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.05)
+    run_job(tree)
+
+
+def test_a_header_with_a_field_of_the_wrong_type_gets_an_answer(tree: Tree) -> None:
+    """libdirs=5 used to close the client's connection without a word."""
+    header = JobHeader("", "./.", ["/bin/true"], {}, "/", "local", "", "", [], False, True, [], 0)
+    good = encode(header)
+    fields = msgpack.unpackb(good)
+    fields[9] = 5  # libdirs
+    body = msgpack.packb(fields, use_bin_type=True)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(15)
+        s.connect(tree.uds)
+        s.sendall(struct.pack(">I", len(body)) + body)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    reply = decode(got[4:])
+    assert type(reply) is Error
+    assert "libdirs" in reply.message
     run_job(tree)
