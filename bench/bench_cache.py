@@ -12,7 +12,7 @@ ms per job, medians over ``--runs`` jobs of:
 
   place   wall time to put the files in place (on the launch path)
   remove  wall time to remove the job's directory (after the job)
-  cpu     CPU time of the process for both, and for any work deferred to a thread (spares)
+  cpu     CPU time of both
 
 Options:
   link             a hard link to the blob (what the cache did): a job that writes its file
@@ -27,11 +27,8 @@ Options:
                    job directory is on another file system: copy_file_range says EXDEV)
   ficlone+cfr      a reflink (FICLONE ioctl) where the file system has them, else as above
   read/write       a copy through user space, 1 MiB at a time
-  BlobCache        gproc.cache.BlobCache.copy_out without spares: a checked fstat of a blob no
-                   job can reach, then FICLONE or copy_file_range
-  BlobCache+spare  as it runs in the slave: the job is given a spare copy made for it in a
-                   low-priority thread after the previous job's (the copy leaves the launch
-                   path; its CPU is still counted), else a copy as above
+  BlobCache        gproc.cache.BlobCache.copy_out as the slave calls it: a checked fstat of a
+                   blob no job can reach, then FICLONE or copy_file_range
 
 With ``--jobs`` the job directories go elsewhere (a tmpfs, say); the link options then need
 the blobs on the same file system and are left out when they are not.
@@ -61,7 +58,6 @@ FICLONE = 0x40049409
 MIB = 1 << 20
 FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 Place = Callable[[str, str, int], None]
-Option = tuple[Place, Callable[[], object]]  # how to place a file; what to wait for after
 
 
 def sha256(path: str) -> bytes:
@@ -80,8 +76,8 @@ def stamp(path: str) -> tuple[int, int, int, int]:
 class Options:
     """One placer per option: ``place(blob, dest, mode)`` for a blob of ``linked``."""
 
-    def __init__(self, plain: BlobCache, spared: BlobCache):
-        self.plain, self.spared = plain, spared  # BlobCache's own blobs: nobody links them
+    def __init__(self, cache: BlobCache):
+        self.cache = cache  # BlobCache's own blobs: nobody links them
         self.stamps: dict[str, tuple[int, int, int, int]] = {}
         self.trips = self.checks = 0
 
@@ -119,11 +115,7 @@ class Options:
         os.chmod(dest, mode)
 
     def blobcache(self, blob: str, dest: str, mode: int) -> None:
-        if not self.plain.copy_out(bytes.fromhex(os.path.basename(blob)), dest, mode):
-            raise SystemExit(f"{blob} is not in the cache")
-
-    def blobcache_spare(self, blob: str, dest: str, mode: int) -> None:
-        if not self.spared.copy_out(bytes.fromhex(os.path.basename(blob)), dest, mode):
+        if not self.cache.copy_out(bytes.fromhex(os.path.basename(blob)), dest, mode):
             raise SystemExit(f"{blob} is not in the cache")
 
     @staticmethod
@@ -155,25 +147,24 @@ class Options:
             os.close(dst)
 
 
-def job(place: Place, settle: Callable[[], object], blobs: list[str], path: str) -> tuple:
-    """One job: wall seconds to place its files and to remove them; CPU of it all."""
+def job(place: Place, blobs: list[str], path: str) -> tuple[float, float, float]:
+    """One job: wall seconds to place its files and to remove them; CPU of both."""
     os.mkdir(path)
-    c0, t0 = time.process_time(), time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     for i, blob in enumerate(blobs):
         place(blob, os.path.join(path, str(i)), 0o755)
     t1 = time.perf_counter()
     shutil.rmtree(path)
     t2 = time.perf_counter()
-    settle()  # the spares of the next job, as between two launches
-    return t1 - t0, t2 - t1, time.process_time() - c0
+    return t1 - t0, t2 - t1, time.thread_time() - c0
 
 
-def run(options: dict[str, Option], blobs: list[str], work: str, runs: int) -> dict[str, list]:
+def run(options: dict[str, Place], blobs: list[str], work: str, runs: int) -> dict[str, list]:
     """``runs`` jobs per option, taking turns; two warm-up rounds are not counted."""
-    times: dict[str, list[tuple]] = {name: [] for name in options}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in options}
     for n in range(runs + 2):
-        for name, (place, settle) in options.items():
-            t = job(place, settle, blobs, os.path.join(work, f"{name.replace('/', '_')}{n}"))
+        for name, place in options.items():
+            t = job(place, blobs, os.path.join(work, f"{name.replace('/', '_')}{n}"))
             if n >= 2:
                 times[name].append(t)
     return times
@@ -208,24 +199,23 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="gproc-bench-cache-", dir=args.dir) as top:
-        linked = BlobCache(Path(top) / "linked", 1 << 30, spares=False)  # the link options'
-        plain = BlobCache(Path(top) / "plain", 1 << 30, spares=False)
+        linked = BlobCache(Path(top) / "linked", 1 << 30)  # the link options' blobs
+        cache = BlobCache(Path(top) / "cache", 1 << 30)
         big = os.path.join(top, "big")
         with open(big, "wb") as f:
             f.write(os.urandom(32 * MIB))
         print(f"blobs in {args.dir}: {reflinks(top, big)}")
         sets = {"/bin/true + ld.so + libc": true_files(), "one 32 MiB file": [big]}
-        for w, where in enumerate(args.jobs or [args.dir]):
+        for where in args.jobs or [args.dir]:
             work = tempfile.mkdtemp(prefix="gproc-bench-jobs-", dir=where)
             same_fs = os.stat(work).st_dev == os.stat(top).st_dev
             try:
-                for n, (title, files) in enumerate(sets.items()):
-                    spared = BlobCache(Path(top) / f"spared-{w}-{n}", 1 << 30)
+                for title, files in sets.items():
                     blobs = []
                     for path in files:
                         digest = sha256(path)
-                        for cache in (linked, plain, spared):
-                            cache.add(path, digest)
+                        linked.add(path, digest)
+                        cache.add(path, digest)
                         blobs.append(os.path.join(linked.path, digest.hex()))
                     size = sum(os.path.getsize(b) for b in blobs)
                     print(
@@ -233,24 +223,23 @@ def main() -> None:
                         f"median of {args.runs}"
                     )
                     print(f"  {'option':<16} {'place':>8} {'remove':>8} {'cpu':>8}  (ms/job)")
-                    opts = Options(plain, spared)
-                    options: dict[str, Option] = {}
+                    opts = Options(cache)
+                    options: dict[str, Place] = {}
                     if same_fs:
                         options.update(
                             {
-                                "link": (opts.link, bool),
-                                "link+stamp": (opts.link_stamp, bool),
-                                "link+sha256": (opts.link_sha256, bool),
+                                "link": opts.link,
+                                "link+stamp": opts.link_stamp,
+                                "link+sha256": opts.link_sha256,
                             }
                         )
                     options.update(
                         {
-                            "copyfile": (opts.copyfile, bool),
-                            "copy_file_range": (opts.copy_file_range, bool),
-                            "ficlone+cfr": (opts.ficlone_cfr, bool),
-                            "read/write": (opts.read_write, bool),
-                            "BlobCache": (opts.blobcache, bool),
-                            "BlobCache+spare": (opts.blobcache_spare, spared.settle),
+                            "copyfile": opts.copyfile,
+                            "copy_file_range": opts.copy_file_range,
+                            "ficlone+cfr": opts.ficlone_cfr,
+                            "read/write": opts.read_write,
+                            "BlobCache": opts.blobcache,
                         }
                     )
                     times = run(options, blobs, work, args.runs)
@@ -258,7 +247,6 @@ def main() -> None:
                         p, r, c = (statistics.median(t[k] for t in jobs) * 1e3 for k in range(3))
                         note = f"  trips {opts.trips}/{opts.checks}" if name == "link+stamp" else ""
                         print(f"  {name:<16} {p:8.3f} {r:8.3f} {c:8.3f}{note}")
-                    spared.close()
             finally:
                 shutil.rmtree(work)
 

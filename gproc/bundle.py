@@ -272,7 +272,7 @@ class Unpacker:
         self.entries = entries
         self.cache = cache
         self.current: _Incoming | None = None
-        self.made: list[str] = []  # directories created here, parents first
+        self.made: dict[str, None] = {}  # directories created here, parents first
         self.staged: list[tuple[str, str]] = []  # (temporary, final) host paths of files
         self.placed: list[str] = []  # host paths renamed into place while committing
         self.ready: set[str] = set()  # host directories made and checked
@@ -303,7 +303,7 @@ class Unpacker:
             if self.current is None:
                 tmp, host = self.hosts[index] + f".gproc-{self.tag}", self.hosts[index]
                 self.staged.append((tmp, host))
-                self.current = _Incoming(tmp, entry, self.cache)
+                self.current = _Incoming(tmp, entry, self.cache, clear=not self.fresh)
             if self.current.write(memoryview(data)) < len(data):
                 raise BundleError(f"{entry.path}: more bytes arrived than its {entry.size}")
             if self.current.left == 0:
@@ -411,12 +411,7 @@ class Unpacker:
                         f"{e.path} would be written through the {what} {leaves[up].path}"
                     )
                 up = os.path.dirname(up)
-            if (
-                e.kind != "d"
-                and not self.fresh
-                and os.path.isdir(host)
-                and not (os.path.islink(host))
-            ):
+            if e.kind != "d" and not self.fresh and _is_dir(host):
                 raise BundleError(f"{e.path}: a directory is in its place in the root")
 
     def _resolve(
@@ -472,7 +467,7 @@ class Unpacker:
             host = os.path.dirname(host)
         for d in reversed(missing):
             os.mkdir(d, 0o755)
-            self.made.append(d)
+            self.made[d] = None
 
     def _ensure_dir(self, path: str, host: str) -> None:
         if host in self.ready:
@@ -488,7 +483,8 @@ class Unpacker:
             return False
         host = self.hosts[i]
         tmp = f"{host}.gproc-{self.tag}"
-        _clear(tmp)
+        if not self.fresh:
+            _clear(tmp)
         if e.size == 0:
             self.staged.append((tmp, host))
             fd = create(tmp)
@@ -522,7 +518,7 @@ class Unpacker:
         for host, mode in self.chmods:
             os.chmod(host, mode)
         self.state = "done"
-        self.staged, self.placed, self.made = [], [], []
+        self.staged, self.placed, self.made = [], [], {}
 
     def _roll_back(self) -> None:
         """Remove every file, link and directory this bundle created; it is refused."""
@@ -536,7 +532,15 @@ class Unpacker:
         for d in reversed(self.made):
             with contextlib.suppress(OSError):  # not empty: someone else's files are in it
                 os.rmdir(d)
-        self.staged, self.placed, self.made = [], [], []
+        self.staged, self.placed, self.made = [], [], {}
+
+
+def _is_dir(path: str) -> bool:
+    """A directory itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _clear(tmp: str) -> None:
@@ -553,13 +557,14 @@ class _Incoming:
     one (or when the file is larger than the cache), straight to ``tmp``.
     """
 
-    def __init__(self, tmp: str, entry: Entry, cache: BlobCache | None):
+    def __init__(self, tmp: str, entry: Entry, cache: BlobCache | None, clear: bool = True):
         self.tmp = tmp
         self.entry = entry
         self.cache = cache
         self.left = entry.size
         self.hash = hashlib.sha256()
-        _clear(tmp)
+        if clear:
+            _clear(tmp)
         self.spool = cache.spool(entry.size) if cache is not None else None
         self.fd = create(self.spool or tmp, readable=self.spool is not None)
 

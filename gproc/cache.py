@@ -8,23 +8,32 @@ hop then forwards a file only to the children that asked for it.
 
 Every job gets its own copy of a cached file; no job ever holds a link to a blob. Jobs run as
 root, so permissions do not keep a job from writing a file it was given, and a job that
-rewrites its file in place and puts the mtime back was, with hard links, changing the blob and
+rewrote its file in place and put the mtime back was, with hard links, changing the blob and
 so the bytes of every later job (and of any job running at the same time on the same inode,
-which no check at hand-out time can catch). Measured per job on this machine's ext4
-(``bench/bench_cache.py``, median of 40, ms to place and CPU ms of place plus removal):
+which no check at hand-out time can catch). Measured per job on this machine's ext4, no
+reflinks (``bench/bench_cache.py``, median of 60; ms on the launch path / CPU ms including the
+removal of the job's files):
 
-    /bin/true + ld.so + libc (2.1 MB)   link 0.03 (unsafe), link + sha256 2.0 / 2.1,
-                                        copy_file_range 1.3-2.3 / 1.4-2.5
-    one 32 MiB file                     link 0.01 (unsafe), link + sha256 26 / 18,
-                                        copy_file_range 8-12 / 9.6
+    option              /bin/true + ld.so + libc (2.1 MB)    one 32 MiB file
+    link (unsafe)       0.02 / 0.09                          0.02 / 0.10
+    link + stamp        2.0  / 2.1  (the stamp always trips) 29   / 19
+    link + sha256       1.9  / 2.0  (unsafe if jobs overlap) 29   / 19
+    copy_file_range     0.7  / 0.9                           12   / 11
+    copyfile, r/w       0.8-1.5 / 1.0-1.6                    12.5 / 10-11
 
-A hash on reuse costs as much as a copy for a small closure and twice as much for a large
-file, and is safe only for jobs that do not overlap; a stamp of (size, mtime_ns, ctime_ns,
-ino) on a linked blob is useless because link() and unlink() of the job's own copies change
-ctime, so it tripped on every reuse and fell back to the hash. A copy is the cheapest option
-that is safe: it is made by the kernel (``FICLONE``, a reflink sharing the blocks until either
-side writes, where the file system has them, as btrfs and XFS do; else ``copy_file_range``,
-which on ext4 copies through the page cache), and the bytes that a job may change are its own.
+A hash on reuse costs twice a copy and is safe only for jobs that do not overlap; a stamp of
+(size, mtime_ns, ctime_ns, ino) on a linked blob is useless because link() and unlink() of the
+jobs' own links change ctime: it tripped on every reuse and fell back to the hash. So a copy,
+the cheapest option that is safe, made by the kernel: ``FICLONE`` (a reflink sharing blocks
+until either side writes) where the file system has them, as btrfs and XFS do; else
+``copy_file_range``, which on ext4 copies through the page cache; ``sendfile`` across file
+systems. Its price on the local tree (16 nodes on 2 shared cores, a 3.4 MiB closure) is 2 to
+6 ms more CPU per node and job, the higher figure on a loaded machine. Spare copies made ahead
+in a low-priority thread were tried: they take the copy off the launch path on an idle node
+(0.09 ms to place either set) but on the local tree gave the same launch time for 7-20% more
+daemon CPU (a spare still being made when the next job comes means two copies), so they are
+not kept. Cheaper and still safe would be an overlay mount per private job (measured 0.14 ms)
+with links to the blobs as its lower layer, which is the sandbox's to make.
 
 A blob itself is written once, by us, in the cache directory (the receiving path spools a
 shipped file there, checks its sha256, and copies the job's file out of it), and then only
@@ -49,7 +58,6 @@ import hashlib
 import itertools
 import logging
 import os
-import queue
 import re
 import threading
 from collections import OrderedDict
@@ -81,19 +89,13 @@ def _stamp(st: os.stat_result) -> Stamp:
 class BlobCache:
     """The blobs under ``path``, at most ``limit`` bytes of them; safe to share between threads."""
 
-    def __init__(self, path: Path, limit: int, spares: bool = True):
+    def __init__(self, path: Path, limit: int):
         self.path = str(path)  # plain strings: pathlib costs more than the syscalls here
         self.limit = limit
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)
         self._names = itertools.count()
         self._clone = True  # until FICLONE says this file system has no reflinks
-        self._spares_on = spares  # until a spare cannot be linked where jobs are staged
-        self._spares: dict[str, tuple[str, int, Stamp]] = {}  # blob -> (path, size, stamp)
-        self._making: set[str] = set()  # blobs queued for a spare or having one made
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._maker: threading.Thread | None = None
         # blob path -> (size, stamp when this daemon last checked it, or None): oldest first
         self._index: OrderedDict[str, tuple[int, Stamp | None]] = OrderedDict()
         found = []
@@ -102,7 +104,7 @@ class BlobCache:
                 if e.is_file(follow_symlinks=False) and _BLOB_NAME.fullmatch(e.name):
                     st = e.stat(follow_symlinks=False)
                     found.append((st.st_mtime_ns, e.path, st.st_size))
-                else:  # a spool or spare a killed predecessor left, or nothing of ours
+                else:  # a spool a killed predecessor left, or nothing of ours
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
         for _, blob, size in sorted(found):
@@ -123,31 +125,29 @@ class BlobCache:
         say) are raised, with ``dest`` removed.
         """
         blob = self._blob(digest)
-        if not self._take_spare(blob, dest, mode):
+        try:
+            src = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False  # not cached, or evicted a moment ago
+        try:
+            st = os.fstat(src)
+            if not self._intact(blob, src, st, digest):
+                return False
+            dst = create(dest)
             try:
-                src = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                return False  # not cached, or evicted a moment ago
-            try:
-                st = os.fstat(src)
-                if not self._intact(blob, src, st, digest):
-                    return False
-                dst = create(dest)
-                try:
-                    self.copy_fd(src, dst, st.st_size)
-                    os.fchmod(dst, mode)
-                except BaseException:
-                    os.close(dst)
-                    with contextlib.suppress(OSError):
-                        os.unlink(dest)
-                    raise
+                self.copy_fd(src, dst, st.st_size)
+                os.fchmod(dst, mode)
+            except BaseException:
                 os.close(dst)
-            finally:
-                os.close(src)
+                with contextlib.suppress(OSError):
+                    os.unlink(dest)
+                raise
+            os.close(dst)
+        finally:
+            os.close(src)
         with self._lock:
             if blob in self._index:
                 self._index.move_to_end(blob)
-        self._want_spare(blob)
         return True
 
     def _intact(self, blob: str, fd: int, st: os.stat_result, digest: bytes) -> bool:
@@ -166,124 +166,6 @@ class BlobCache:
         with self._lock:
             self._drop(blob, st.st_ino)
         return False
-
-    # ---------------------------------------------------------------- spares
-
-    def _take_spare(self, blob: str, dest: str, mode: int) -> bool:
-        """Put the blob's spare copy, if it has an unchanged one, at ``dest``; it is the job's."""
-        with self._lock:
-            spare = self._spares.pop(blob, None)
-            if spare is None:
-                return False
-            path, size, stamp = spare
-            self.size -= size
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            st = os.fstat(fd)
-            if _stamp(st) != stamp:
-                log.warning("spare copy %s changed since it was made; dropping it", path)
-                return False
-            os.fchmod(fd, mode)
-            os.link(path, dest)  # never replaces, never follows a symlink at dest
-            if os.lstat(dest).st_ino != st.st_ino:  # swapped in between: not ours to give
-                os.unlink(dest)
-                return False
-            return True
-        except OSError as e:
-            if e.errno == errno.EXDEV:  # jobs are staged on another file system
-                self._stop_spares()
-            elif not os.path.lexists(dest):
-                log.warning("cannot hand out the spare copy %s: %s", path, e)
-            return False
-        finally:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-    def _want_spare(self, blob: str) -> None:
-        """Have a copy of ``blob`` made for the next job, in a low-priority thread."""
-        with self._lock:
-            if (
-                not self._spares_on
-                or blob in self._spares
-                or blob in self._making
-                or blob not in self._index
-            ):
-                return
-            self._making.add(blob)
-            if self._maker is None:
-                self._maker = threading.Thread(
-                    target=self._make_spares, name="gproc-cache-spares", daemon=True
-                )
-                self._maker.start()
-        self._queue.put(blob)
-
-    def _make_spares(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # a thread's own nice on Linux
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        while (blob := self._queue.get()) is not None:
-            try:
-                self._make_spare(blob)
-            except Exception as e:  # a spare is an optimisation: never kill the maker
-                log.warning("cannot make a spare copy of %s: %s", blob, e)
-            finally:
-                with self._lock:
-                    self._making.discard(blob)
-                    if not self._making:
-                        self._settled.notify_all()
-
-    def _make_spare(self, blob: str) -> None:
-        try:
-            src = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return  # evicted meanwhile
-        path: str | None = os.path.join(self.path, f".spare-{os.getpid()}-{next(self._names)}")
-        assert path is not None
-        dst = -1
-        try:
-            st = os.fstat(src)
-            if not self._intact(blob, src, st, bytes.fromhex(os.path.basename(blob))):
-                return
-            dst = create(path)
-            self.copy_fd(src, dst, st.st_size)
-            spare = os.fstat(dst)
-            with self._lock:
-                if self._spares_on and blob in self._index and blob not in self._spares:
-                    self._spares[blob] = (path, spare.st_size, _stamp(spare))
-                    self.size += spare.st_size
-                    path = None
-                    if self.size > self.limit:
-                        self._evict()
-        finally:
-            os.close(src)
-            if dst >= 0:
-                os.close(dst)
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-
-    def _stop_spares(self) -> None:
-        with self._lock:
-            self._spares_on = False
-            spares, self._spares = self._spares, {}
-            for path, size, _ in spares.values():
-                self.size -= size
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-
-    def settle(self, timeout: float | None = None) -> bool:
-        """Wait until no spare copy is being made (tests, benchmarks); False on timeout."""
-        with self._lock:
-            return self._settled.wait_for(lambda: not self._making, timeout)
-
-    def close(self) -> None:
-        """Stop the thread that makes spares (the process exiting stops it too)."""
-        with self._lock:
-            self._spares_on = False
-        self._queue.put(None)
 
     # ---------------------------------------------------------------- taking in
 
@@ -344,28 +226,28 @@ class BlobCache:
             self._drop(next(iter(self._index)))
 
     def _drop(self, blob: str, ino: int | None = None) -> None:
-        """Forget and remove ``blob`` (only if it is still inode ``ino``) and its spare;
-        lock held."""
-        with contextlib.suppress(FileNotFoundError):
-            if ino is None or os.stat(blob).st_ino == ino:
-                os.unlink(blob)
+        """Forget and remove ``blob``; lock held.
+
+        With ``ino``, only if it is still that inode: checked bytes kept meanwhile stay.
+        """
+        try:
+            if ino is not None and os.stat(blob).st_ino != ino:
+                return
+            os.unlink(blob)
+        except FileNotFoundError:
+            pass
         entry = self._index.pop(blob, None)
         if entry is not None:
             self.size -= entry[0]
-        spare = self._spares.pop(blob, None)
-        if spare is not None:
-            self.size -= spare[1]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(spare[0])
 
     # ---------------------------------------------------------------- copying
 
     def copy_fd(self, src: int, dst: int, size: int) -> None:
         """Copy ``size`` bytes from offset 0 of ``src`` to ``dst``, the cheapest way there is.
 
-        A reflink where the file system has them, else ``copy_file_range``, else reads and
-        writes. Offsets are explicit, so ``src``'s file
-        position does not matter. OSError if ``src`` has fewer than ``size`` bytes.
+        A reflink where the file system has them, else as :func:`copy_fd`. Offsets are
+        explicit, so ``src``'s file position does not matter. OSError if ``src`` has fewer
+        than ``size`` bytes.
         """
         if size == 0:
             return
