@@ -466,7 +466,12 @@ class Unpacker:
             missing.append(host)
             host = os.path.dirname(host)
         for d in reversed(missing):
-            os.mkdir(d, 0o755)
+            try:
+                os.mkdir(d, 0o755)
+            except FileExistsError:
+                if not _is_dir(d):
+                    raise
+                continue  # another job's unpacker (-p=false) made it a moment ago: not ours
             self.made[d] = None
 
     def _ensure_dir(self, path: str, host: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,11 @@ def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
     return e
 
 
-def unpack(root: Path, raw: list[dict], payload: bytes, total: int | None = None) -> None:
+def unpack(
+    root: Path, raw: list[dict], payload: bytes, total: int | None = None, tag: str = "t1"
+) -> None:
     entries = check_manifest(raw, len(payload) if total is None else total)
-    u = Unpacker(root, entries, "t1")
+    u = Unpacker(root, entries, tag)
     try:
         for i in u.needed:
             u.feed(i, payload[: entries[i].size])
@@ -323,3 +326,26 @@ def test_a_planted_temporary_name_is_not_written_through(bin_root: Path, tmp_pat
     unpack(bin_root, [entry("usr/bin/tool", data=b"T"), entry("usr/bin/x", data=b"")], b"T")
     assert outside.read_bytes() == b"precious"
     assert (bin_root / "usr" / "bin" / "tool").read_bytes() == b"T"
+
+
+def test_concurrent_unpackers_into_one_bin_root_share_new_directories(bin_root: Path) -> None:
+    """-p=false jobs in threads at once: all make opt/x/...; none is refused for it."""
+    errors: list[Exception] = []
+
+    def job(n: int) -> None:
+        data = f"job {n}".encode()
+        raw = [entry(f"opt/x/y/{d}", "d") for d in range(20)]
+        raw += [entry(f"opt/x/y/{d}/f{n}", data=data) for d in range(20)]
+        try:
+            unpack(bin_root, raw, data * 20, tag=f"j{n}")
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for n in range(8):
+        assert (bin_root / "opt" / "x" / "y" / "7" / f"f{n}").read_bytes() == f"job {n}".encode()
