@@ -252,11 +252,13 @@ class Unpacker:
     through another entry's symlink, and every symlink chain, made of the manifest's links and
     those already in ``root``, is resolved in memory and must end inside ``root``.
 
-    Files are written to temporary names (``<path>.gproc-<tag>``) and renamed into place, with
-    the symlinks, only when every file has arrived and matched its sha256; a binary another job
-    runs is never rewritten in place. A bundle refused at any step (a check, a hash, a short
-    bundle, :meth:`abort` before it is complete) leaves nothing it created behind: its
-    temporary files and the directories it made are removed. Once complete it is kept.
+    In a root that was there already, files are written to temporary names
+    (``<path>.gproc-<tag>``) and renamed into place, and the symlinks made, only when every
+    file has arrived and matched its sha256; a binary another job runs is never rewritten in
+    place. In a root made for this bundle (a job's staging) files are written in place and the
+    symlinks made at the end. A bundle refused at any step (a check, a hash, a short bundle,
+    :meth:`abort` before it is complete) leaves nothing it created behind: its files and the
+    directories it made are removed. Once complete it is kept.
 
     Bytes arrive file by file, in manifest order, for the files in :attr:`needed` only.
 
@@ -301,7 +303,8 @@ class Unpacker:
         try:
             entry = self.entries[index]
             if self.current is None:
-                tmp, host = self.hosts[index] + f".gproc-{self.tag}", self.hosts[index]
+                host = self.hosts[index]
+                tmp = self._tmp(host)
                 self.staged.append((tmp, host))
                 self.current = _Incoming(tmp, entry, self.cache, clear=not self.fresh)
             if self.current.write(memoryview(data)) < len(data):
@@ -487,7 +490,7 @@ class Unpacker:
         if e.size and self.cache is None:
             return False
         host = self.hosts[i]
-        tmp = f"{host}.gproc-{self.tag}"
+        tmp = self._tmp(host)
         if not self.fresh:
             _clear(tmp)
         if e.size == 0:
@@ -504,10 +507,16 @@ class Unpacker:
         self.staged.append((tmp, host))
         return True
 
+    def _tmp(self, host: str) -> str:
+        """Where a file is written before the bundle is complete: in a root made for this
+        bundle, its own place (nobody else's file is there to keep; a refusal removes it)."""
+        return host if self.fresh else f"{host}.gproc-{self.tag}"
+
     def _commit(self) -> None:
         """Every file arrived and matched: rename the files into place, make the links."""
         for tmp, host in self.staged:
-            os.replace(tmp, host)
+            if tmp != host:
+                os.replace(tmp, host)
             self.placed.append(host)
         self.staged = []
         for i, e in enumerate(self.entries):

@@ -11,29 +11,31 @@ root, so permissions do not keep a job from writing a file it was given, and a j
 rewrote its file in place and put the mtime back was, with hard links, changing the blob and
 so the bytes of every later job (and of any job running at the same time on the same inode,
 which no check at hand-out time can catch). Measured per job on this machine's ext4, no
-reflinks (``bench/bench_cache.py``, median of 60; ms on the launch path / CPU ms including the
-removal of the job's files):
+reflinks (``bench/bench_cache.py``, median of 40-60 jobs; the range is over seven runs on a
+machine shared with other work; ms on the launch path / CPU ms including the removal):
 
-    option              /bin/true + ld.so + libc (2.1 MB)    one 32 MiB file
-    link (unsafe)       0.02 / 0.09                          0.02 / 0.10
-    link + stamp        2.0  / 2.1  (the stamp always trips) 29   / 19
-    link + sha256       1.9  / 2.0  (unsafe if jobs overlap) 29   / 19
-    copy_file_range     0.7  / 0.9                           12   / 11
-    copyfile, r/w       0.8-1.5 / 1.0-1.6                    12.5 / 10-11
+    option            /bin/true + ld.so + libc (2.1 MB)       one 32 MiB file
+    link (unsafe)     0.02-0.03 / 0.1                         0.02 / 0.1
+    link + stamp      2.0-2.7 / 2.1-2.8 (the stamp always     25-29 / 19-25
+                      trips: link() and unlink() move ctime)
+    link + sha256     1.9-2.6 / 2.0-2.6 (unsafe: jobs overlap) 25-95 / 19-25
+    copy_file_range   0.7-4.6 / 0.9-4.8, mostly 0.7 / 0.9     12-41 / 10-15
 
-A hash on reuse costs twice a copy and is safe only for jobs that do not overlap; a stamp of
-(size, mtime_ns, ctime_ns, ino) on a linked blob is useless because link() and unlink() of the
-jobs' own links change ctime: it tripped on every reuse and fell back to the hash. So a copy,
-the cheapest option that is safe, made by the kernel: ``FICLONE`` (a reflink sharing blocks
-until either side writes) where the file system has them, as btrfs and XFS do; else
-``copy_file_range``, which on ext4 copies through the page cache; ``sendfile`` across file
-systems. Its price on the local tree (16 nodes on 2 shared cores, a 3.4 MiB closure) is 2 to
-6 ms more CPU per node and job, the higher figure on a loaded machine. Spare copies made ahead
-in a low-priority thread were tried: they take the copy off the launch path on an idle node
-(0.09 ms to place either set) but on the local tree gave the same launch time for 7-20% more
-daemon CPU (a spare still being made when the next job comes means two copies), so they are
-not kept. Cheaper and still safe would be an overlay mount per private job (measured 0.14 ms)
-with links to the blobs as its lower layer, which is the sandbox's to make.
+A hash on reuse is not safe (a job still running shares the inode with the next one) and
+costs more than a copy, except for small files on a machine busy with other I/O, where
+creating the copy's inode waits on the journal. So a copy, made by the kernel: ``FICLONE``
+(a reflink sharing blocks until either side writes) where the file system has them, as btrfs
+and XFS do; else ``copy_file_range``, which on ext4 copies through the page cache;
+``sendfile`` across file systems. Its price on the local tree (16 nodes on 2 cores,
+/bin/true's 3.4 MiB closure, interleaved against the hard links) is 5-8 ms more CPU per node
+and job and 40-150 ms more per launch, on a machine loaded by other work (load 10-40). Spare
+copies made ahead in a low-priority thread were tried: they take the copy off the launch
+path on an idle node (0.09 ms to place either set) but on the local tree gave the same
+launch time for 7-20% more daemon CPU (a spare still being made when the next job comes
+means two copies), so they are not kept. An overlay mount per private job with links to the
+blobs as its lower layer costs less (0.14 ms to mount) but guards only the job's view: a
+root job can reach the lower layer's files, which are the blobs, by their own path, and
+since links move ctime the stamp below could not tell.
 
 A blob itself is written once, by us, in the cache directory (the receiving path spools a
 shipped file there, checks its sha256, and copies the job's file out of it), and then only

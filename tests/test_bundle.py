@@ -27,10 +27,15 @@ def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
 
 
 def unpack(
-    root: Path, raw: list[dict], payload: bytes, total: int | None = None, tag: str = "t1"
+    root: Path,
+    raw: list[dict],
+    payload: bytes,
+    total: int | None = None,
+    tag: str = "t1",
+    cache: BlobCache | None = None,
 ) -> None:
     entries = check_manifest(raw, len(payload) if total is None else total)
-    u = Unpacker(root, entries, tag)
+    u = Unpacker(root, entries, tag, cache)
     try:
         for i in u.needed:
             u.feed(i, payload[: entries[i].size])
@@ -349,3 +354,23 @@ def test_concurrent_unpackers_into_one_bin_root_share_new_directories(bin_root: 
     assert not errors
     for n in range(8):
         assert (bin_root / "opt" / "x" / "y" / "7" / f"f{n}").read_bytes() == f"job {n}".encode()
+
+
+def test_a_refused_bundle_in_a_fresh_staging_root_leaves_no_root(tmp_path: Path) -> None:
+    """Files are written in place there; a refusal still takes every one of them away."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    cached = os.urandom(3000)
+    (tmp_path / "src").write_bytes(cached)
+    cache.add(str(tmp_path / "src"), hashlib.sha256(cached).digest())
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    raw = [
+        entry("lib", "d"),
+        entry("lib/cached.so", data=cached),
+        entry("lib/alias.so", "l", l="cached.so"),
+        entry("lib/good", data=b"good"),
+        entry("lib/bad", data=b"bad!"),
+    ]
+    with pytest.raises(BundleError, match="sha256"):
+        unpack(stage / "job", raw, b"good" + b"evil", total=3008, cache=cache)
+    assert os.listdir(stage) == []
