@@ -10,7 +10,9 @@ through, no device or special files, and sizes and hashes that match the bytes t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import posixpath
 import stat
@@ -19,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gproc.cache import BlobCache, sha256_file
+from gproc.cache import BlobCache, create, sha256_file, write_all
 from gproc.errors import GprocError
 from gproc.protocol import CHUNK
+
+log = logging.getLogger("gproc.bundle")
 
 KINDS = ("f", "d", "l")
 
@@ -236,145 +240,390 @@ def _check_link(e: Entry) -> None:
 # ---------------------------------------------------------------- unpacking (node)
 
 
+MAX_LINKS = 40  # as Linux: a chain longer than this does not resolve (ELOOP)
+
+
 class Unpacker:
     """Writes a checked manifest under ``root``: cached files at once, the rest as they arrive.
 
-    ``root`` may already hold files of earlier jobs (``-p=false``); files are written to a
-    temporary name and renamed into place so a binary another job runs is never rewritten in
-    place, and every directory on the way is checked to resolve inside ``root``. Bytes arrive
-    file by file, in manifest order, for the files in :attr:`needed` only.
+    ``root`` may already hold files of earlier jobs (``-p=false``), so the bundle is checked
+    against what is there before anything is created: every entry's directory resolves inside
+    ``root`` (a symlink an earlier job left there is followed, never out), no entry is written
+    through another entry's symlink, and every symlink chain, made of the manifest's links and
+    those already in ``root``, is resolved in memory and must end inside ``root``.
+
+    In a root that was there already, files are written to temporary names
+    (``<path>.gproc-<tag>``) and renamed into place, and the symlinks made, only when every
+    file has arrived and matched its sha256; a binary another job runs is never rewritten in
+    place. In a root made for this bundle (a job's staging) files are written in place and the
+    symlinks made at the end. A bundle refused at any step (a check, a hash, a short bundle,
+    :meth:`abort` before it is complete) leaves nothing it created behind: its files and the
+    directories it made are removed. Once complete it is kept.
+
+    Bytes arrive file by file, in manifest order, for the files in :attr:`needed` only.
+
+    Disk work happens in the constructor (directories, cached copies), :meth:`feed` and
+    :meth:`abort`, all blocking: call them from a worker thread, one call at a time per
+    unpacker. Unpackers of different jobs may run in different threads at once and share one
+    :class:`BlobCache`.
     """
 
     def __init__(self, root: Path, entries: list[Entry], tag: str, cache: BlobCache | None = None):
         self.root = root
-        self.real_root = os.path.realpath(root)
         self.tag = tag
         self.entries = entries
         self.cache = cache
         self.current: _Incoming | None = None
-        self.dirs: dict[str, str] = {}  # checked directories: manifest path -> host path
-        root.mkdir(parents=True, exist_ok=True)
-        for e in entries:
-            if e.kind == "d":
-                self._dir(e.path, e.mode)
-        links = [e for e in entries if e.kind == "l"]
-        for e in links:
-            self._symlink(e)
-        for e in links:  # each link is inside on its own; a chain of them may not be
-            self._inside(e.path, os.path.realpath(os.path.join(self.root, e.path)))
-        self.needed = [i for i, e in enumerate(entries) if e.kind == "f" and not self._early(e)]
+        self.made: dict[str, None] = {}  # directories created here, parents first
+        self.staged: list[tuple[str, str]] = []  # (temporary, final) host paths of files
+        self.placed: list[str] = []  # host paths renamed into place while committing
+        self.ready: set[str] = set()  # host directories made and checked
+        self.state = "open"  # then "done" (everything in place) or "refused" (nothing left)
+        self.needed: list[int] = []
         self.pos = 0
+        try:
+            self._prepare()
+            if self.complete:
+                self._commit()
+        except BaseException:
+            self._roll_back()
+            raise
 
     @property
     def complete(self) -> bool:
         return self.pos >= len(self.needed)
 
     def feed(self, index: int, data: bytes) -> None:
-        """Bytes of manifest entry ``index``; a file's frames come in order, files in order."""
-        if self.complete or self.needed[self.pos] != index:
+        """Bytes of manifest entry ``index``; a file's frames come in order, files in order.
+
+        BundleError (or OSError) refuses the bundle: nothing of it is left.
+        """
+        if self.state != "open" or self.complete or self.needed[self.pos] != index:
             raise BundleError(f"bytes for manifest entry {index} arrived out of turn")
-        entry = self.entries[index]
-        if self.current is None:
-            self.current = _Incoming(self._host(entry.path), entry, self.tag)
-        if self.current.write(memoryview(data)) < len(data):
-            raise BundleError(f"{entry.path}: more bytes arrived than its {entry.size}")
-        if self.current.left == 0:
-            self.current.finish()
-            if self.cache is not None:
-                self.cache.add(self.current.host, entry.sha256)
-            self.current = None
-            self.pos += 1
+        try:
+            entry = self.entries[index]
+            if self.current is None:
+                host = self.hosts[index]
+                tmp = self._tmp(host)
+                self.staged.append((tmp, host))
+                self.current = _Incoming(tmp, entry, self.cache, clear=not self.fresh)
+            if self.current.write(memoryview(data)) < len(data):
+                raise BundleError(f"{entry.path}: more bytes arrived than its {entry.size}")
+            if self.current.left == 0:
+                self.current.finish()
+                self.current = None
+                self.pos += 1
+                if self.complete:
+                    self._commit()
+        except BaseException:
+            self._roll_back()
+            raise
 
     def abort(self) -> None:
-        if self.current is not None:
-            self.current.discard()
-            self.current = None
+        """Give up on an incomplete bundle: remove all it created. Nothing to do once complete."""
+        if self.state == "open":
+            self._roll_back()
 
-    def _early(self, e: Entry) -> bool:
-        """Write an empty or cached file now; False when its bytes must be shipped."""
-        host = self._host(e.path)
-        if e.size == 0:
-            _Incoming(host, e, self.tag).finish()
-            return True
-        if self.cache is None:
-            return False
-        tmp = f"{host}.gproc-{self.tag}"
-        if not self.cache.copy_out(e.sha256, tmp, e.mode & 0o1777):
-            return False
-        os.replace(tmp, host)
-        return True
+    # ---------------------------------------------------------------- before anything exists
 
-    def _host(self, path: str) -> str:
-        """Host path for ``path``, after making sure its directory is inside the root.
+    def _prepare(self) -> None:
+        self.fresh = not os.path.lexists(self.root)  # nothing under it to check against
+        self._make_dirs(os.path.abspath(self.root))
+        self.real_root = os.path.realpath(self.root)
+        self.parents: dict[str, str] = {}  # manifest directory -> its host path
+        self.hosts = [self._place(e) for e in self.entries]
+        links = {
+            self.hosts[i]: e.link for i, e in enumerate(self.entries) if e.kind == "l"
+        }  # host path -> target, for the links this bundle will make
+        self._check_places(links)
+        plain = {self.hosts[i] for i, e in enumerate(self.entries) if e.kind == "f"}
+        for i, e in enumerate(self.entries):
+            if e.kind == "l":
+                start = os.path.dirname(self.hosts[i])
+                self._inside(e.path, self._resolve(start, e.link, links, plain, e))
+        # Checked: now create directories, then the files that need no bytes.
+        self.chmods: list[tuple[str, int]] = []  # directories that were there: at commit
+        for i, e in enumerate(self.entries):
+            host = self.hosts[i]
+            if e.kind == "d":
+                if e.path != ".":
+                    self._ensure_dir(e.path, host)
+                    if host in self.made:
+                        os.chmod(host, e.mode | 0o700)
+                    else:
+                        self.chmods.append((host, e.mode | 0o700))
+            else:
+                self._ensure_dir(e.path, os.path.dirname(host))
+        self.needed = [
+            i for i, e in enumerate(self.entries) if e.kind == "f" and not self._early(i, e)
+        ]
 
-        The deepest directory that exists already is checked before anything is created, so
-        a symlink left in binRoot cannot make us create directories elsewhere.
+    def _place(self, e: Entry) -> str:
+        """The host path of entry ``e``: its directory resolved on disk, checked to be inside.
+
+        A directory entry is resolved itself (a symlink an earlier job left at its name is
+        followed); a file or symlink replaces whatever is at its name.
         """
-        parent = posixpath.dirname(path)
-        real = self.dirs.get(parent)
+        if e.kind == "d":
+            return self._dir_host(e.path)
+        parent = self._dir_host(posixpath.dirname(e.path))
+        return os.path.join(parent, posixpath.basename(e.path))
+
+    def _dir_host(self, path: str) -> str:
+        """Host path of manifest directory ``path``, without creating anything.
+
+        The deepest part that exists already is resolved and must be inside the root; the
+        rest will be made as plain directories.
+        """
+        if path in ("", "."):
+            return self.real_root
+        real = self.parents.get(path)
         if real is None:
-            target = os.path.join(self.root, parent)
-            probe = target
-            while not os.path.lexists(probe):
-                probe = os.path.dirname(probe)
-            self._inside(path, os.path.realpath(probe))
-            os.makedirs(target, exist_ok=True)
-            real = self._inside(path, os.path.realpath(target))
-            self.dirs[parent] = real
-        return os.path.join(real, posixpath.basename(path))
+            target = os.path.join(self.real_root, path)
+            if self.fresh:
+                real = target
+            else:
+                probe = target
+                while not os.path.lexists(probe):
+                    probe = os.path.dirname(probe)
+                real = self._inside(path, os.path.realpath(probe))
+                if probe != target:
+                    real = os.path.join(real, os.path.relpath(target, probe))
+            self.parents[path] = real
+        return real
+
+    def _check_places(self, links: dict[str, str]) -> None:
+        """No two entries at one place, nothing under a file or link of the bundle."""
+        leaves: dict[str, Entry] = {}  # host path -> the file or link entry going there
+        for i, e in enumerate(self.entries):
+            if e.kind != "d":
+                if self.hosts[i] in leaves:
+                    raise BundleError(
+                        f"{e.path} and {leaves[self.hosts[i]].path} are the same file in the root"
+                    )
+                leaves[self.hosts[i]] = e
+        if not leaves:
+            return
+        for i, e in enumerate(self.entries):
+            host = self.hosts[i]
+            up = host if e.kind == "d" else os.path.dirname(host)
+            while len(up) > len(self.real_root):
+                if up in leaves:
+                    what = "symlink" if up in links else "file"
+                    raise BundleError(
+                        f"{e.path} would be written through the {what} {leaves[up].path}"
+                    )
+                up = os.path.dirname(up)
+            if e.kind != "d" and not self.fresh and _is_dir(host):
+                raise BundleError(f"{e.path}: a directory is in its place in the root")
+
+    def _resolve(
+        self, start: str, link: str, links: dict[str, str], plain: set[str], e: Entry
+    ) -> str:
+        """Where ``link``, read in directory ``start``, leads once this bundle is in place.
+
+        As realpath does, but a name this bundle will make a link is followed to the bundle's
+        target, a name it will make a file is not followed at all, and a name it will make a
+        directory or that does not exist is taken as it is.
+        """
+        cur, parts, hops = start, link.split("/")[::-1], 0
+        while parts:
+            name = parts.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                cur = os.path.dirname(cur)
+                continue
+            nxt = os.path.join(cur, name)
+            target = links.get(nxt)
+            if target is None and nxt not in plain and not (self.fresh and self._under(nxt)):
+                try:
+                    target = os.readlink(nxt)
+                except OSError:  # not a link, or not there: a plain name
+                    pass
+            if target is None:
+                cur = nxt
+                continue
+            hops += 1
+            if hops > MAX_LINKS:
+                raise BundleError(f"symlink {e.path} -> {e.link}: too many levels of links")
+            if target.startswith("/"):
+                cur = "/"
+            parts.extend(target.split("/")[::-1])
+        return cur
+
+    def _under(self, host: str) -> bool:
+        return host.startswith(self.real_root + "/")
 
     def _inside(self, path: str, real: str) -> str:
-        if real != self.real_root and not real.startswith(self.real_root + "/"):
+        if real != self.real_root and not self._under(real):
             raise BundleError(f"{path}: resolves to {real}, outside the root")
         return real
 
-    def _dir(self, path: str, mode: int) -> None:
-        if path == ".":
-            return
-        host = self._host(path + "/.")
-        os.makedirs(host, exist_ok=True)
-        os.chmod(host, mode | 0o700)
+    # ---------------------------------------------------------------- creating, undoing
 
-    def _symlink(self, e: Entry) -> None:
-        host = self._host(e.path)
-        tmp = f"{host}.gproc-{self.tag}"
-        os.symlink(e.link, tmp)
-        os.replace(tmp, host)
+    def _make_dirs(self, host: str) -> None:
+        """Create ``host`` and any missing parents, noting each one made for the roll-back."""
+        missing = []
+        while not os.path.isdir(host):
+            missing.append(host)
+            host = os.path.dirname(host)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o755)
+            except FileExistsError:
+                if not _is_dir(d):
+                    raise
+                continue  # another job's unpacker (-p=false) made it a moment ago: not ours
+            self.made[d] = None
+
+    def _ensure_dir(self, path: str, host: str) -> None:
+        if host in self.ready:
+            return
+        self._make_dirs(host)
+        if not self.fresh:  # nobody swapped a part of it for a symlink meanwhile
+            self._inside(path, os.path.realpath(host))
+        self.ready.add(host)
+
+    def _early(self, i: int, e: Entry) -> bool:
+        """Write an empty or cached file now; False when its bytes must be shipped."""
+        if e.size and self.cache is None:
+            return False
+        host = self.hosts[i]
+        tmp = self._tmp(host)
+        if not self.fresh:
+            _clear(tmp)
+        if e.size == 0:
+            self.staged.append((tmp, host))
+            fd = create(tmp)
+            try:
+                os.fchmod(fd, e.mode & 0o1777)
+            finally:
+                os.close(fd)
+            return True
+        assert self.cache is not None
+        if not self.cache.copy_out(e.sha256, tmp, e.mode & 0o1777):
+            return False
+        self.staged.append((tmp, host))
+        return True
+
+    def _tmp(self, host: str) -> str:
+        """Where a file is written before the bundle is complete: in a root made for this
+        bundle, its own place (nobody else's file is there to keep; a refusal removes it)."""
+        return host if self.fresh else f"{host}.gproc-{self.tag}"
+
+    def _commit(self) -> None:
+        """Every file arrived and matched: rename the files into place, make the links."""
+        for tmp, host in self.staged:
+            if tmp != host:
+                os.replace(tmp, host)
+            self.placed.append(host)
+        self.staged = []
+        for i, e in enumerate(self.entries):
+            if e.kind == "l":
+                host = self.hosts[i]
+                tmp = f"{host}.gproc-{self.tag}"
+                _clear(tmp)
+                self.staged.append((tmp, host))
+                os.symlink(e.link, tmp)
+                os.replace(tmp, host)
+                self.staged.pop()
+                self.placed.append(host)
+        for host, mode in self.chmods:
+            os.chmod(host, mode)
+        self.state = "done"
+        self.staged, self.placed, self.made = [], [], {}
+
+    def _roll_back(self) -> None:
+        """Remove every file, link and directory this bundle created; it is refused."""
+        self.state = "refused"
+        if self.current is not None:
+            self.current.discard()
+            self.current = None
+        for path in self.placed + [tmp for tmp, _ in self.staged]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for d in reversed(self.made):
+            with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+                os.rmdir(d)
+        self.staged, self.placed, self.made = [], [], {}
+
+
+def _is_dir(path: str) -> bool:
+    """A directory itself, not a symlink to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _clear(tmp: str) -> None:
+    """Remove a stale temporary file (of a killed predecessor) so O_EXCL can create it anew."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
 
 
 class _Incoming:
-    """One regular file being received: written to a temporary name, checked, renamed."""
+    """One regular file being received: checked against its sha256 as the bytes are written.
 
-    def __init__(self, host: str, entry: Entry, tag: str):
-        self.host = host
+    With a cache, the bytes go to a spool file in the cache directory (never seen by a job),
+    which becomes the blob once checked, and the job's file at ``tmp`` is a copy of it; without
+    one (or when the file is larger than the cache), straight to ``tmp``.
+    """
+
+    def __init__(self, tmp: str, entry: Entry, cache: BlobCache | None, clear: bool = True):
+        self.tmp = tmp
         self.entry = entry
+        self.cache = cache
         self.left = entry.size
-        self.tmp = f"{host}.gproc-{tag}"
         self.hash = hashlib.sha256()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        self.fd = os.open(self.tmp, flags, 0o600)
+        if clear:
+            _clear(tmp)
+        self.spool = cache.spool(entry.size) if cache is not None else None
+        self.fd = create(self.spool or tmp, readable=self.spool is not None)
 
     def write(self, view: memoryview) -> int:
+        """Write what fits of ``view``; the count written (less than given: too many bytes)."""
         part = view[: self.left]
         self.hash.update(part)
-        os.write(self.fd, part)
+        write_all(self.fd, part)
         self.left -= len(part)
         return len(part)
 
     def finish(self) -> None:
-        os.fchmod(self.fd, self.entry.mode & 0o1777)
+        if self.hash.digest() != self.entry.sha256:
+            self.discard()
+            raise BundleError(f"{self.entry.path}: bytes do not match the manifest's sha256")
+        mode = self.entry.mode & 0o1777
+        if self.spool is None:
+            os.fchmod(self.fd, mode)
+        else:
+            assert self.cache is not None
+            try:
+                self.cache.keep(self.spool, self.fd, self.entry.sha256)
+                self.spool = None
+            except OSError as e:
+                log.warning("cannot cache %s: %s", self.entry.path, e)
+            dst = create(self.tmp)
+            try:
+                self.cache.copy_fd(self.fd, dst, self.entry.size)
+                os.fchmod(dst, mode)
+            finally:
+                os.close(dst)
+            self.discard_spool()
         os.close(self.fd)
         self.fd = -1
-        if self.hash.digest() != self.entry.sha256:
-            os.unlink(self.tmp)
-            raise BundleError(f"{self.entry.path}: bytes do not match the manifest's sha256")
-        os.replace(self.tmp, self.host)
+
+    def discard_spool(self) -> None:
+        if self.spool is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spool)
+            self.spool = None
 
     def discard(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
+        self.discard_spool()
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,16 @@ def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
     return e
 
 
-def unpack(root: Path, raw: list[dict], payload: bytes, total: int | None = None) -> None:
+def unpack(
+    root: Path,
+    raw: list[dict],
+    payload: bytes,
+    total: int | None = None,
+    tag: str = "t1",
+    cache: BlobCache | None = None,
+) -> None:
     entries = check_manifest(raw, len(payload) if total is None else total)
-    u = Unpacker(root, entries, "t1")
+    u = Unpacker(root, entries, tag, cache)
     try:
         for i in u.needed:
             u.feed(i, payload[: entries[i].size])
@@ -151,11 +159,8 @@ def test_cached_files_are_not_shipped_again(tmp_path: Path) -> None:
     assert (tmp_path / "job2" / "lib" / "libx.so").read_bytes() == data
     (tmp_path / "job2" / "lib" / "libx.so").write_bytes(b"changed by the job, in place")
     third = Unpacker(tmp_path / "job3", check_manifest(raw, len(data)), "c", cache)
-    assert third.needed == [0], "a blob changed through a job's link is not handed on"
-    third.feed(0, data)
+    assert third.needed == [], "a job's copy is its own: the blob is untouched"
     assert (tmp_path / "job3" / "lib" / "libx.so").read_bytes() == data
-    fourth = Unpacker(tmp_path / "job4", check_manifest(raw, len(data)), "d", cache)
-    assert fourth.needed == [] and (tmp_path / "job4" / "lib" / "libx.so").read_bytes() == data
 
 
 def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
@@ -205,3 +210,167 @@ def test_f_directories_keep_their_symlinks_and_refuse_broken_ones(tmp_path: Path
     os.symlink("nowhere", tree / "broken")
     with pytest.raises(BundleError, match="broken symlink"):
         Packer().add_host_path(str(tree))
+
+
+# ---------------------------------------------------------------- -p=false: straight into binRoot
+
+
+def snapshot(top: Path) -> dict[str, tuple]:
+    """Everything under ``top``: kind, mode, and the bytes or the link target."""
+    seen: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel, st = str(path.relative_to(top)), os.lstat(path)
+            if path.is_symlink():
+                seen[rel] = ("l", os.readlink(path))
+            elif path.is_dir():
+                seen[rel] = ("d", st.st_mode & 0o7777)
+            else:
+                seen[rel] = ("f", st.st_mode & 0o7777, path.read_bytes())
+    return seen
+
+
+@pytest.fixture
+def bin_root(tmp_path: Path) -> Path:
+    """A binRoot holding what an earlier -p=false job left: files, a directory, links."""
+    root = tmp_path / "binroot"
+    (root / "usr" / "lib").mkdir(parents=True)
+    (root / "usr" / "lib" / "old.so").write_bytes(b"an earlier job's library")
+    (root / "usr" / "bin").mkdir()
+    (root / "usr" / "bin" / "tool").write_bytes(b"an earlier job's tool")
+    os.symlink("usr/lib", root / "lib")
+    os.symlink(".", root / "here")
+    return root
+
+
+def refused_leaves_nothing(root: Path, raw: list[dict], payload: bytes, cache=None) -> str:
+    """Unpack a bundle that must be refused; binRoot is as it was. The refusal's message."""
+    before = snapshot(root)
+    entries = check_manifest(raw, sum(e["s"] for e in raw))
+    with pytest.raises(BundleError) as refusal:
+        u = Unpacker(root, entries, "t9", cache)
+        for i in u.needed:
+            u.feed(i, payload[: entries[i].size])
+            payload = payload[entries[i].size :]
+        if not u.complete:
+            u.abort()
+            raise BundleError("bundle ended early")
+    assert snapshot(root) == before
+    return str(refusal.value)
+
+
+def test_refused_chain_of_links_leaves_nothing_in_bin_root(bin_root: Path) -> None:
+    raw = [
+        entry("opt", "d"),
+        entry("opt/x", "d"),
+        entry("opt/x/f", data=b"file"),
+        entry("a", "l", l="."),
+        entry("b", "l", l="a/.."),
+        entry("c", "l", l="b/etc"),
+    ]
+    assert "outside the root" in refused_leaves_nothing(bin_root, raw, b"file")
+
+
+def test_chain_through_a_link_already_in_bin_root_is_refused(bin_root: Path) -> None:
+    """``here -> .`` is an earlier job's; ``up -> here/..`` climbs out through it."""
+    raw = [entry("opt", "d"), entry("up", "l", l="here/.."), entry("opt/f", data=b"x")]
+    assert "outside the root" in refused_leaves_nothing(bin_root, raw, b"x")
+
+
+def test_hash_mismatch_leaves_nothing_in_bin_root(bin_root: Path, tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    cached = os.urandom(3000)
+    src = tmp_path / "cached"
+    src.write_bytes(cached)
+    cache.add(str(src), hashlib.sha256(cached).digest())
+    raw = [
+        entry("opt", "d"),
+        entry("opt/deep", "d"),
+        entry("opt/deep/cached.so", data=cached),  # copied out of the cache at once
+        entry("opt/deep/empty", data=b""),
+        entry("usr/lib/new.so", data=b"good"),
+        entry("usr/lib/alias.so", "l", l="new.so"),
+        entry("usr/bin/tool", data=b"bad!"),  # an earlier job's file, not to be lost
+    ]
+    assert "sha256" in refused_leaves_nothing(bin_root, raw, b"good" + b"evil", cache)
+    assert not [p for p in os.listdir(tmp_path / "cache") if p.startswith(".")], "no spool left"
+
+
+def test_short_bundle_leaves_nothing_in_bin_root(bin_root: Path) -> None:
+    raw = [entry("opt", "d"), entry("opt/l", "l", l="f"), entry("opt/f", data=b"abcdef")]
+    assert "ended early" in refused_leaves_nothing(bin_root, raw, b"abc")
+
+
+def test_file_under_a_link_of_the_bundle_through_an_old_link_is_refused(bin_root: Path) -> None:
+    """``here/b/f`` is ``b/f`` on disk, and ``b`` is the bundle's symlink."""
+    raw = [entry("b", "l", l="usr"), entry("here/b/f", data=b"x")]
+    assert "through the symlink" in refused_leaves_nothing(bin_root, raw, b"x")
+    assert not (bin_root / "b").exists() and not (bin_root / "usr" / "f").exists()
+
+
+def test_a_file_in_place_of_a_directory_is_refused_before_anything(bin_root: Path) -> None:
+    raw = [entry("opt", "d"), entry("opt/f", data=b"x"), entry("usr/lib", data=b"y")]
+    assert "a directory is in its place" in refused_leaves_nothing(bin_root, raw, b"xy")
+
+
+def test_bin_root_files_are_replaced_when_the_bundle_is_good(bin_root: Path) -> None:
+    raw = [entry("usr/bin/tool", data=b"new tool"), entry("lib/new.so", data=b"lib")]
+    unpack(bin_root, raw, b"new toollib")
+    assert (bin_root / "usr" / "bin" / "tool").read_bytes() == b"new tool"
+    assert (bin_root / "usr" / "lib" / "new.so").read_bytes() == b"lib"  # through lib -> usr/lib
+    assert (bin_root / "usr" / "lib" / "old.so").read_bytes() == b"an earlier job's library"
+
+
+def test_a_planted_temporary_name_is_not_written_through(bin_root: Path, tmp_path: Path) -> None:
+    """A job that guesses the next job's temporary name and links it to a file outside."""
+    outside = tmp_path / "precious"
+    outside.write_bytes(b"precious")
+    os.link(outside, bin_root / "usr" / "bin" / "tool.gproc-t1")
+    os.symlink(outside, bin_root / "usr" / "bin" / "x.gproc-t1")
+    unpack(bin_root, [entry("usr/bin/tool", data=b"T"), entry("usr/bin/x", data=b"")], b"T")
+    assert outside.read_bytes() == b"precious"
+    assert (bin_root / "usr" / "bin" / "tool").read_bytes() == b"T"
+
+
+def test_concurrent_unpackers_into_one_bin_root_share_new_directories(bin_root: Path) -> None:
+    """-p=false jobs in threads at once: all make opt/x/...; none is refused for it."""
+    errors: list[Exception] = []
+
+    def job(n: int) -> None:
+        data = f"job {n}".encode()
+        raw = [entry(f"opt/x/y/{d}", "d") for d in range(20)]
+        raw += [entry(f"opt/x/y/{d}/f{n}", data=data) for d in range(20)]
+        try:
+            unpack(bin_root, raw, data * 20, tag=f"j{n}")
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for n in range(8):
+        assert (bin_root / "opt" / "x" / "y" / "7" / f"f{n}").read_bytes() == f"job {n}".encode()
+
+
+def test_a_refused_bundle_in_a_fresh_staging_root_leaves_no_root(tmp_path: Path) -> None:
+    """Files are written in place there; a refusal still takes every one of them away."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    cached = os.urandom(3000)
+    (tmp_path / "src").write_bytes(cached)
+    cache.add(str(tmp_path / "src"), hashlib.sha256(cached).digest())
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    raw = [
+        entry("lib", "d"),
+        entry("lib/cached.so", data=cached),
+        entry("lib/alias.so", "l", l="cached.so"),
+        entry("lib/good", data=b"good"),
+        entry("lib/bad", data=b"bad!"),
+    ]
+    with pytest.raises(BundleError, match="sha256"):
+        unpack(stage / "job", raw, b"good" + b"evil", total=3008, cache=cache)
+    assert os.listdir(stage) == []
