@@ -377,7 +377,8 @@ class Slave:
         """Serve children, join the parent, relay jobs until the parent goes away."""
         await asyncio.to_thread(_empty, self.node.stage_root)  # a killed predecessor's leftovers
         if self.node.cache_bytes > 0:
-            self.cache = BlobCache(Path(self.node.cache_root), self.node.cache_bytes)
+            root, size = Path(self.node.cache_root), self.node.cache_bytes
+            self.cache = await asyncio.to_thread(BlobCache, root, size)
         await self.hop.serve(*self.listen)
         log.info("%s: serving children on %s:%d", self.node.name, *self.listen)
         conn = await dial_parent(*self.parent, self.key, self.node.name)
