@@ -289,6 +289,9 @@ class Session:
         self.slave = FreshSlave(tree, relay.listen, 3, workdir, heartbeat=1.0)
         wait_until(lambda: relay.sessions > before, ACCEPT_TIMEOUT, "the slave to dial")
         wait_until(lambda: states(tree, "3") == ["up"], ACCEPT_TIMEOUT, "n3 to register")
+        # and the slave has taken the welcome: a SIGTERM while it waits for it can be lost
+        # (slave.register's asyncio.wait_for swallows a cancel that meets the frame)
+        wait_until(lambda: "registered with" in self.slave.log(), 15, "n3 to be welcomed")
 
     def end_cleanly(self) -> None:
         """Stop the slave (it says bye), so the master forgets n3 instead of showing it lost."""
