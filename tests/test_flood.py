@@ -56,8 +56,9 @@ async def _bomb(port: int, payload: bytes) -> None:
 
 
 async def _barrage(port: int) -> None:
-    payloads = [BOMB if i % 4 else SMALL_BOMB for i in range(BOMBS)]
-    await asyncio.gather(*(_bomb(port, p) for p in payloads))
+    """BOMBS connections at once, each sending a 4 MiB bomb; then as many small ones."""
+    for payload in (BOMB, SMALL_BOMB):
+        await asyncio.gather(*(_bomb(port, payload) for _ in range(BOMBS)))
 
 
 def test_msgpack_bombs_cost_no_memory(tree: Tree, record_property) -> None:  # noqa: ANN001
