@@ -35,7 +35,7 @@ from gproc.protocol import (
     legacy_error,
 )
 from gproc.relay import Hop, Job, expand, unreachable
-from gproc.stream import Conn, connection_handler
+from gproc.stream import Conn, connection_handler, within
 
 log = logging.getLogger("gproc.master")
 
@@ -98,7 +98,7 @@ class Master:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer, limit=MAX_FRAME)
         try:
-            frame = await asyncio.wait_for(conn.recv(), CLIENT_HELLO_TIMEOUT)
+            frame = await within(conn.recv(), CLIENT_HELLO_TIMEOUT)
             if type(frame) is Info:
                 await conn.send(TreeReply(self.tree()))
             elif type(frame) is JobHeader:

@@ -27,7 +27,9 @@ import msgpack
 from gproc.errors import GprocError
 
 VERSION = 2
-MAX_FRAME = 4 << 20  # largest body after authentication (a job header with a big manifest)
+# The largest body after authentication: a job header, whose manifest takes about 110 bytes
+# plus the path per file (50,000 files under a 60-character directory make 5.4 MB).
+MAX_FRAME = 16 << 20
 PREAUTH_MAX = 1024  # largest body before authentication: a hello or a proof
 CHUNK = 256 << 10  # file bytes per data frame
 LENGTH = struct.Struct(">I")

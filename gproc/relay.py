@@ -51,7 +51,15 @@ from gproc.protocol import (
     encode,
 )
 from gproc.session import handshake
-from gproc.stream import HEARTBEAT, Conn, RateLimited, Window, connection_handler, keep_alive
+from gproc.stream import (
+    HEARTBEAT,
+    Conn,
+    RateLimited,
+    Window,
+    connection_handler,
+    keep_alive,
+    within,
+)
 
 log = logging.getLogger("gproc.relay")
 
@@ -444,7 +452,7 @@ class Hop:
                 self._child_gone(child)
 
     async def _register(self, conn: Conn) -> Child | None:
-        frame = await asyncio.wait_for(conn.recv(), REGISTER_TIMEOUT)
+        frame = await within(conn.recv(), REGISTER_TIMEOUT)
         if type(frame) is not Register:
             raise ProtocolError("peer did not register")
         old = self.children.get(frame.node_id)

@@ -21,7 +21,6 @@ observer sees).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import secrets
@@ -38,6 +37,7 @@ from gproc.protocol import (
     VersionMismatch,
     encode,
 )
+from gproc.stream import within
 
 if TYPE_CHECKING:
     from gproc.stream import Conn
@@ -109,7 +109,7 @@ async def handshake(conn: Conn, key: bytes, dialer: bool, role: str) -> Hello:
     not of this cluster, speaks another version, or breaks the protocol, and TimeoutError
     after HANDSHAKE_TIMEOUT seconds.
     """
-    return await asyncio.wait_for(_handshake(conn, key, dialer, role), HANDSHAKE_TIMEOUT)
+    return await within(_handshake(conn, key, dialer, role), HANDSHAKE_TIMEOUT)
 
 
 async def _handshake(conn: Conn, key: bytes, dialer: bool, role: str) -> Hello:

@@ -44,7 +44,7 @@ from gproc.protocol import (
 )
 from gproc.relay import DOWN_WINDOW, UP_WINDOW, Hop, Job, LocalRunner
 from gproc.session import handshake
-from gproc.stream import HEARTBEAT, Conn, Window, keep_alive
+from gproc.stream import HEARTBEAT, Conn, Window, keep_alive, within
 
 log = logging.getLogger("gproc.slave")
 
@@ -266,7 +266,7 @@ class NodeRun(LocalRunner):
             self.done = True
         elif not self.task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self.task), 5)
+                await within(asyncio.shield(self.task), 5)
             except asyncio.TimeoutError:
                 log.error("job %s: program did not die after SIGKILL", self.jid)
 
@@ -337,7 +337,7 @@ async def dial_parent(host: str, port: int, key: bytes, name: str) -> Conn:
 
 async def register(conn: Conn, hop: Hop, addr: str) -> str:
     await conn.send(Register(hop.node_id, hop.name, addr, hop.subtrees()))
-    reply = await asyncio.wait_for(conn.recv(), 10)
+    reply = await within(conn.recv(), 10)
     if reply is None:
         raise ProtocolError("parent closed the connection during registration")
     if type(reply) is Refused:

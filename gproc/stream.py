@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gproc.protocol import (
     LENGTH,
@@ -31,6 +31,8 @@ from gproc.protocol import (
 
 if TYPE_CHECKING:
     from gproc.session import Session
+
+T = TypeVar("T")
 
 
 class Conn:
@@ -191,6 +193,34 @@ class RateLimited:
         else:
             self.suppressed += 1
             self.last = message % args if args else message
+
+
+async def within(awaitable: Awaitable[T], timeout: float) -> T:
+    """``await awaitable``, or cancel it and raise TimeoutError after ``timeout`` seconds.
+
+    What ``asyncio.wait_for`` does, except that a cancellation of the caller always goes
+    through: before Python 3.12, wait_for swallows one that arrives in the instant the
+    awaited thing completes (CPython gh-86296), so a daemon told to stop (SIGTERM) just as a
+    peer's frame came in went on running as if nothing had been asked.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen, so asyncio does not log it at exit."""
+    if not task.cancelled():
+        task.exception()
 
 
 HEARTBEAT = 5.0
