@@ -163,7 +163,7 @@ class Master:
             received += len(frame.data)
             if received > total:
                 raise ProtocolError(f"client sent more than the {total} bytes asked for")
-            await job.forward(frame.index, frame.data)
+            await job.forward([(frame.index, frame.data)])
 
     async def _await_end(self, conn: Conn, job: Job) -> None:
         """Wait for the job to end, or for the client to go away (which kills it)."""

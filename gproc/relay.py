@@ -56,6 +56,7 @@ from gproc.stream import (
     Conn,
     RateLimited,
     Window,
+    charge,
     connection_handler,
     keep_alive,
     within,
@@ -215,24 +216,40 @@ class Job:
             wanted |= await leg.need
         return wanted
 
-    async def forward(self, index: int, data: bytes) -> None:
-        """Send one chunk to the legs that need its file, each as its window allows."""
-        legs = [
-            leg
-            for leg in self.legs.values()
-            if not leg.done and leg.need.done() and index in leg.need.result()
-        ]
-        if not legs:
-            return
-        body = encode(Data(self.jid, index, data))
-        for leg in legs:
-            await leg.window.take(len(data))
-            if not leg.done:
+    async def forward(self, chunks: list[tuple[int, bytes]]) -> None:
+        """Send chunks to the legs that need their files, each as its window allows.
+
+        What the legs may take now is gathered and written in one go per leg (a batch of
+        small files costs one system call per child, not one per file and child); when a
+        leg's window is empty, everything gathered is written before waiting for credit.
+        """
+        gathered: dict[Leg, list[bytes]] = {}
+        for index, data in chunks:
+            legs = [
+                leg
+                for leg in self.legs.values()
+                if not leg.done and leg.need.done() and index in leg.need.result()
+            ]
+            if not legs:
+                continue
+            body, cost = encode(Data(self.jid, index, data)), charge(len(data))
+            for leg in legs:
+                if not leg.window.try_take(cost):
+                    self._write_all(gathered)
+                    await leg.window.take(cost)
+                gathered.setdefault(leg, []).append(body)
+        self._write_all(gathered)
+        await self._drain_legs(list(self.legs.values()))
+
+    @staticmethod
+    def _write_all(gathered: dict[Leg, list[bytes]]) -> None:
+        for leg, bodies in gathered.items():
+            if bodies and not leg.done:
                 try:
-                    leg.child.conn.write_body(body)
+                    leg.child.conn.write_bodies(bodies)
                 except (ConnectionError, RuntimeError):
                     pass  # the child loop notices and reports the leg lost
-        await self._drain_legs(legs)
+        gathered.clear()
 
     @staticmethod
     async def _drain_legs(legs: list[Leg]) -> None:
@@ -249,10 +266,11 @@ class Job:
         if kind is Credit:
             leg.window.give(frame.size)
         elif kind is Out:
-            leg.held += len(frame.data)
-            if leg.held > UP_WINDOW + MAX_OUT_FRAME:
+            cost = charge(len(frame.data))
+            leg.held += cost
+            if leg.held > UP_WINDOW + charge(MAX_OUT_FRAME):
                 raise ProtocolError(f"{child.name} overran job {self.jid}'s output window")
-            self.send_up(frame, leg, len(frame.data))
+            self.send_up(frame, leg, cost)
         elif kind is Exit:
             leg.reported.add(frame.node)
             self.send_up(frame, leg)

@@ -44,7 +44,7 @@ from gproc.protocol import (
 )
 from gproc.relay import DOWN_WINDOW, UP_WINDOW, Hop, Job, LocalRunner
 from gproc.session import handshake
-from gproc.stream import HEARTBEAT, Conn, Window, keep_alive, within
+from gproc.stream import HEARTBEAT, Conn, Window, charge, keep_alive, within
 
 log = logging.getLogger("gproc.slave")
 
@@ -232,8 +232,9 @@ class NodeRun(LocalRunner):
         assert stream is not None and self.job is not None
         window = self.job.local_window
         while chunk := await stream.read(64 << 10):
-            await window.take(len(chunk))
-            self._up(Out(self.jid, self.node.name, fd, chunk), len(chunk))
+            cost = charge(len(chunk))
+            await window.take(cost)
+            self._up(Out(self.jid, self.node.name, fd, chunk), cost)
 
     async def _fail(self, message: str, status: int) -> int:
         log.warning("job %s: %s", self.jid, message)
@@ -286,8 +287,8 @@ class Inflow:
 
     def accept(self, frame: Data) -> None:
         """Called by the parent loop: never waits; a parent that overruns the window is cut."""
-        self.held += len(frame.data)
-        if self.held > DOWN_WINDOW + len(frame.data):
+        self.held += charge(len(frame.data))
+        if self.held > DOWN_WINDOW + charge(len(frame.data)):
             raise ProtocolError(f"the parent overran job {self.job.jid}'s file window")
         self.queue.append((frame.index, frame.data))
         self.arrived.set()
@@ -301,12 +302,12 @@ class Inflow:
             batch = list(self.queue)
             self.queue.clear()
             local = asyncio.ensure_future(self.run.feed(batch))
-            for index, data in batch:
-                await self.job.forward(index, data)
+            await self.job.forward(batch)
             await local
-            size = sum(len(data) for _, data in batch)
+            size = sum(charge(len(data)) for _, data in batch)
             self.held -= size
             self.parent.send_nowait(Credit(self.job.jid, size))
+            await asyncio.sleep(0)  # one batch at a time: pings and other jobs go between
 
 
 # ---------------------------------------------------------------- the daemon

@@ -99,6 +99,15 @@ class Conn:
         else:
             self.writer.write(LENGTH.pack(len(body)) + body)
 
+    def write_bodies(self, bodies: list[bytes]) -> None:
+        """Several frames in one write (one system call for a batch of small files)."""
+        if self.closed or self.writer.is_closing():
+            raise ConnectionResetError("connection already closed")
+        if self.session is not None:
+            self.writer.write(b"".join(map(self.session.seal, bodies)))
+        else:
+            self.writer.write(b"".join(LENGTH.pack(len(b)) + b for b in bodies))
+
     def write(self, frame: Frame) -> None:
         """Queue one frame without waiting for the socket (the caller drains when it must)."""
         self.write_body(encode(frame))
@@ -134,6 +143,15 @@ class Conn:
             pass
 
 
+FRAME_COST = 512  # what a window charges for a frame beyond its bytes
+
+
+def charge(size: int) -> int:
+    """What a frame carrying ``size`` bytes costs a window: its bytes plus FRAME_COST, so a
+    window also bounds how many frames are in flight (a job of 50,000 tiny files)."""
+    return size + FRAME_COST
+
+
 class Window:
     """Bytes one job may still send on one link before the receiver grants more.
 
@@ -150,11 +168,17 @@ class Window:
         self.closed = False
 
     async def take(self, size: int) -> None:
-        while self.credit <= 0 and not self.closed:
+        while not self.try_take(size):
             await self._open.wait()
+
+    def try_take(self, size: int) -> bool:
+        """Take ``size`` if the window is open; False (nothing taken) when it is empty."""
+        if self.credit <= 0 and not self.closed:
+            return False
         self.credit -= size
         if self.credit <= 0 and not self.closed:
             self._open.clear()
+        return True
 
     def give(self, size: int) -> None:
         self.credit += size
