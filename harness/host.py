@@ -21,6 +21,7 @@ from filelock import FileLock
 # One apt at a time on this host: xdist workers, a second test run, `python -m harness up`.
 APT_LOCK = Path(tempfile.gettempdir()) / "gproc-harness-apt.lock"
 APT_TIMEOUT = 900  # seconds: apt-get update and a few packages, over a slow mirror
+SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # where admin tools land, not always on PATH
 
 
 class ToolError(RuntimeError):
@@ -37,7 +38,8 @@ def say(message: str) -> None:
 
 
 def ensure_tool(command: str, package: str, why: str) -> str:
-    """The path of ``command``, after installing the Debian ``package`` if it is missing.
+    """The path of ``command`` (on PATH or in the sbin directories), after installing the
+    Debian ``package`` if it is missing.
 
     ``why`` completes "needed ..." in what is said (``"to build the base image"``). Installs
     with ``apt-get update`` and ``apt-get install -y PACKAGE`` when running as root where
@@ -45,7 +47,7 @@ def ensure_tool(command: str, package: str, why: str) -> str:
     fails. Concurrent callers take turns on a host-wide lock, and whoever waited finds the
     command already there.
     """
-    found = shutil.which(command)
+    found = _which(command)
     if found:
         return found
     cannot = []
@@ -59,17 +61,21 @@ def ensure_tool(command: str, package: str, why: str) -> str:
             f"({', '.join(cannot)}): install the package {package} as root"
         )
     with FileLock(str(APT_LOCK), timeout=APT_TIMEOUT):
-        found = shutil.which(command)
+        found = _which(command)
         if found:
             return found
         say(f"{command} is missing, needed {why}: installing the package {package} (apt-get)")
         _apt(["update"])
         _apt(["install", "-y", package])
-    found = shutil.which(command)
+    found = _which(command)
     if not found:
-        raise ToolError(f"apt-get installed {package}, yet there is no {command} on PATH")
+        raise ToolError(f"apt-get installed {package}, yet there is no {command}")
     say(f"installed {package}: {found}")
     return found
+
+
+def _which(command: str) -> str | None:
+    return shutil.which(command) or shutil.which(command, path=SBIN)
 
 
 def _apt(args: list[str]) -> None:

@@ -111,11 +111,12 @@ def base_image(client: docker.DockerClient) -> str:
 
 def _debootstrap_import(tag: str) -> None:
     """debootstrap a minimal bookworm with python3 and import it as ``tag``."""
-    ensure_tool("debootstrap", "debootstrap", f"to build the base image ({SLIM} cannot be pulled)")
+    why = f"to build the base image ({SLIM} cannot be pulled)"
+    debootstrap = ensure_tool("debootstrap", "debootstrap", why)
     with tempfile.TemporaryDirectory(prefix="gproc-harness-root-") as tmp:
         root = Path(tmp) / "root"
         say(f"debootstrap {SUITE} from {MIRROR} (about a minute)")
-        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_INCLUDE)}"]
+        cmd = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_INCLUDE)}"]
         _run([*cmd, SUITE, str(root), MIRROR], "debootstrap")
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (root / junk).glob("*"):
