@@ -78,6 +78,11 @@ def _sigterm_is_interrupt() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # test_deploy.py's tests build on each other in file order (xdist_group "deploy"); xdist's
+    # plain -n N spreads a module over workers, so its default "load" becomes "loadgroup",
+    # which keeps a group on one worker and spreads every other test as "load" does.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
     if not _is_worker(config) and SESSION_ENV not in os.environ:
         os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="gproc-harness-session-")
         config.stash[_owner] = True
