@@ -133,8 +133,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster_handle() -> Cluster:
-    """The run's cluster, created by whichever worker gets here first."""
+def cluster_handle(pytestconfig: pytest.Config) -> Cluster:
+    """The run's cluster, created by whichever worker gets here first.
+
+    What ``up`` says on stderr (a tool it installs and why, debootstrap, the image build, the
+    containers) goes to the terminal as it happens, past pytest's capture: it may take minutes
+    and install packages on this host, which a user must be able to see.
+    """
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    uncaptured = capture.global_and_fixture_disabled if capture else contextlib.nullcontext
     try:
         client = docker_client()
     except HarnessError as error:
@@ -145,7 +152,8 @@ def cluster_handle() -> Cluster:
             return
         if state.get("status") != "up":
             try:
-                Cluster(NAME, client).up(nodes=NODES, locale="kane", subnet=SUBNET)
+                with uncaptured():
+                    Cluster(NAME, client).up(nodes=NODES, locale="kane", subnet=SUBNET)
             except ToolMissing as error:  # a host tool this host cannot install: not a failure
                 state.update(status="skipped", reason=str(error))
                 return
