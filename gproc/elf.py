@@ -1,4 +1,4 @@
-"""The ELF closure of a program: its loader and every shared library it needs (DESIGN.md section 5).
+"""The ELF closure of a program: its loader and every shared library it needs (docs/ELF.md).
 
 Libraries are found the way glibc's ld.so finds them, by reading PT_INTERP and the dynamic
 section with pyelftools.  We never run ldd: it executes the program's loader on the host, is

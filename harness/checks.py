@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import threading
 from collections import defaultdict
+from typing import IO
 
 from .cluster import Cluster, Result
 
@@ -13,6 +16,50 @@ _LABEL = re.compile(r"^(kn\d+): (.*)$")
 def gproc(cluster: Cluster, *args: str, cwd: str = "/root", timeout: float = 120) -> Result:
     """``gproc ARGS`` on the front-end, as a user there would type it."""
     return cluster.exec(["gproc", *args], workdir=cwd, timeout=timeout)
+
+
+class Running:
+    """``gproc ARGS`` started on the front-end; its output is read as it comes, so a test can
+    wait for a line a job prints (the job has started on every node) before it acts."""
+
+    def __init__(self, cluster: Cluster, *args: str, cwd: str = "/root"):
+        front = cluster.container_name(cluster.require_plan().front_end)
+        cmd = ["docker", "exec", "-w", cwd, front, "gproc", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream: IO[bytes], into: list[str]) -> None:
+        for line in stream:
+            into.append(line.decode(errors="replace"))
+
+    def saying(self, text: str) -> set[str]:
+        """The nodes that have printed the line ``text`` so far."""
+        lines = Result(0, "".join(self._out), "").lines()
+        return {m.group(1) for m in map(_LABEL.match, lines) if m and m.group(2) == text}
+
+    def wait(self, timeout: float = 120) -> Result:
+        """The whole result once gproc has ended; a gproc still running after ``timeout``
+        is killed and the test fails, naming what it had printed."""
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"gproc still running after {timeout:g}s; it printed:\n{''.join(self._out)}"
+                f"{''.join(self._err)}"
+            ) from None
+        for reader in self._readers:
+            reader.join()
+        return Result(status, "".join(self._out), "".join(self._err))
 
 
 def by_node(result: Result) -> dict[str, list[str]]:

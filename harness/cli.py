@@ -16,6 +16,7 @@ import docker.errors
 
 from .cluster import DEFAULT_NAME, READY_TIMEOUT, Cluster, HarnessError
 from .faults import FAULTS, heal, inject
+from .host import ToolError
 from .images import ImageError, build_images
 from .plan import KANE_SUBNET, LOCALES, PlanError, make_plan
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as error:
         print(f"harness: error: {error}", file=sys.stderr)
         return 2
-    except (HarnessError, ImageError, docker.errors.DockerException) as error:
+    except (HarnessError, ImageError, ToolError, docker.errors.DockerException) as error:
         print(f"harness: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

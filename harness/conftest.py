@@ -11,6 +11,9 @@ Bringing 81 containers up costs most of a minute, so ``pytest harness/`` and
 * the last user to finish takes it down, and the starting process removes whatever is left
   when it exits (a worker that crashed cannot leave the cluster behind). Ctrl-C and SIGTERM
   take the same path: SIGTERM is turned into KeyboardInterrupt.
+* a host tool the images need and this host cannot install (``harness/host.py``: not root,
+  no apt-get) skips every harness test with that reason, as a missing Docker engine does; it
+  is kept in the shared state, so the other workers skip without trying again.
 
 Tests that break or reconfigure the cluster (faults, the kf locale, ``-p=false``) take the
 cluster exclusively (an ``flock`` write lock); the others share it (a read lock), so under
@@ -37,6 +40,7 @@ from filelock import FileLock
 from harness.checks import kill_gproc
 from harness.cluster import Cluster, HarnessError, docker_client
 from harness.faults import heal
+from harness.host import ToolMissing
 from harness.plan import KANE_SUBNET
 
 SESSION_ENV = "GPROC_HARNESS_SESSION"
@@ -45,7 +49,7 @@ SESSION_ENV = "GPROC_HARNESS_SESSION"
 NAME = os.environ.get("GPROC_HARNESS_TEST_NAME", "gproc")
 NODES = 80
 SUBNET = os.environ.get("GPROC_HARNESS_SUBNET", KANE_SUBNET)  # see README: another /16 works
-SETUP_TIMEOUT = 900  # first test: may debootstrap and build the images, then bring 81 up
+SETUP_TIMEOUT = 900  # first test: may install debootstrap, build the images, bring 81 up
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -74,6 +78,11 @@ def _sigterm_is_interrupt() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # test_deploy.py's tests build on each other in file order (xdist_group "deploy"); xdist's
+    # plain -n N spreads a module over workers, so its default "load" becomes "loadgroup",
+    # which keeps a group on one worker and spreads every other test as "load" does.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
     if not _is_worker(config) and SESSION_ENV not in os.environ:
         os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="gproc-harness-session-")
         config.stash[_owner] = True
@@ -124,25 +133,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster_handle() -> Cluster:
-    """The run's cluster, created by whichever worker gets here first."""
+def cluster_handle(pytestconfig: pytest.Config) -> Cluster:
+    """The run's cluster, created by whichever worker gets here first.
+
+    What ``up`` says on stderr (a tool it installs and why, debootstrap, the image build, the
+    containers) goes to the terminal as it happens, past pytest's capture: it may take minutes
+    and install packages on this host, which a user must be able to see.
+    """
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    uncaptured = capture.global_and_fixture_disabled if capture else contextlib.nullcontext
     try:
         client = docker_client()
     except HarnessError as error:
         pytest.skip(f"{error} (the harness tests need a Docker engine)")
 
     def ensure(state: dict) -> None:
-        if state.get("status") == "failed":
+        if state.get("status") in ("failed", "skipped"):
             return
         if state.get("status") != "up":
             try:
-                Cluster(NAME, client).up(nodes=NODES, locale="kane", subnet=SUBNET)
+                with uncaptured():
+                    Cluster(NAME, client).up(nodes=NODES, locale="kane", subnet=SUBNET)
+            except ToolMissing as error:  # a host tool this host cannot install: not a failure
+                state.update(status="skipped", reason=str(error))
+                return
             except Exception as error:
                 state.update(status="failed", reason=f"{type(error).__name__}: {error}")
                 return
             state["status"] = "up"
 
     state = _update(ensure)
+    if state["status"] == "skipped":
+        pytest.skip(state["reason"])
     if state["status"] == "failed":
         pytest.fail(f"the {NODES}-node cluster did not come up: {state['reason']}")
     return Cluster(NAME, client).attach()

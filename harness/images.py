@@ -2,7 +2,8 @@
 
 Nothing here may depend on a registry: where ``debian:bookworm-slim`` can be found or pulled
 it is the base, and where it cannot, the base is a ``debootstrap --variant=minbase`` root
-imported with ``docker import``. Python packages come from a wheelhouse downloaded on the
+imported with ``docker import`` (debootstrap is installed first if missing and the host
+allows it: ``harness/host.py``). Python packages come from a wheelhouse downloaded on the
 host, because containers cannot reach the package index. Every image is tagged by a hash of
 its inputs, so a second run reuses it and a changed input builds a new one. The gproc code is
 not an input: it reaches the containers as a zipapp mounted at run time.
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import docker
 import docker.errors
+
+from .host import ensure_tool, say
 
 HERE = Path(__file__).resolve().parent
 SLIM = "debian:bookworm-slim"
@@ -51,11 +54,6 @@ class Images:
 
     node: str
     frontend: str
-
-
-def say(message: str) -> None:
-    """Progress on stderr: the long steps (debootstrap, apt in the build) take minutes."""
-    print(f"harness: {message}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -113,15 +111,12 @@ def base_image(client: docker.DockerClient) -> str:
 
 def _debootstrap_import(tag: str) -> None:
     """debootstrap a minimal bookworm with python3 and import it as ``tag``."""
-    if shutil.which("debootstrap") is None:
-        raise ImageError(
-            f"{SLIM} cannot be pulled and debootstrap is missing: "
-            "apt-get install -y debootstrap (needs root)"
-        )
+    why = f"to build the base image ({SLIM} cannot be pulled)"
+    debootstrap = ensure_tool("debootstrap", "debootstrap", why)
     with tempfile.TemporaryDirectory(prefix="gproc-harness-root-") as tmp:
         root = Path(tmp) / "root"
         say(f"debootstrap {SUITE} from {MIRROR} (about a minute)")
-        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_INCLUDE)}"]
+        cmd = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_INCLUDE)}"]
         _run([*cmd, SUITE, str(root), MIRROR], "debootstrap")
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (root / junk).glob("*"):

@@ -18,6 +18,9 @@ from harness.faults import heal, inject
 
 from .checks import by_node, gproc, gproc_processes, names
 
+# One worker runs the whole module, in file order (harness/conftest.py makes -n N group it).
+pytestmark = pytest.mark.xdist_group("deploy")
+
 UP = ("up", "1", "80", "--locale", "kane")
 DOWN = ("down", "--locale", "kane")
 _HOST = re.compile(r"^(kn\d+)\s+(ok|UNREACHABLE|FAILED|SKIPPED)\s+(.*)$")

@@ -16,6 +16,12 @@ import pytest
 
 from gproc.deploy.local import LocalTree, Settings
 
+# wait_until is shared with the harness tests (harness/waiting.py imports only the standard
+# library). The checkout's root goes at the END of sys.path: the gproc under test stays the
+# installed one, and only `harness`, which is never installed, is found there.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from harness.waiting import wait_until as wait_until  # noqa: E402 - re-exported for tests
+
 
 def free_port_block(count: int) -> int:
     """A base port such that base..base+count are all free on loopback right now."""

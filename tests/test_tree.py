@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Tree, is_root, labelled, start_tree
+from conftest import Tree, is_root, labelled, start_tree, wait_until
 
 ALL = [f"n{i}" for i in range(1, 9)]
 
@@ -161,11 +164,55 @@ def test_without_private_mount_files_stay(own_tree: Tree) -> None:
     assert (kept / str(own_tree.root).lstrip("/")).is_dir()
 
 
+class HeldJob:
+    """A job that marks when it runs on a node, then waits for the test's go to finish.
+
+    A fault meant to hit a running job is injected once every node has started it, and the
+    job ends when the test says so: no guess of how long starting takes on a loaded machine.
+    """
+
+    def __init__(self, where: Path):
+        where.mkdir()
+        self.where = where
+
+    def argv(self) -> list[str]:
+        w = self.where
+        script = (
+            f'touch "{w}/started.$GPROC_NODE"; '
+            f'while [ ! -e "{w}/go" ]; do sleep 0.05; done; echo finished'
+        )
+        return ["/bin/sh", "-c", script]
+
+    def started(self) -> set[str]:
+        return {p.suffix[1:] for p in self.where.glob("started.*")}
+
+    def wait_started(self, nodes: list[str]) -> None:
+        wait_until(self.started, 30, "the job to start on every node", lambda s: s >= set(nodes))
+
+    def go(self) -> None:
+        (self.where / "go").touch()
+
+
+@contextlib.contextmanager
+def held_job(tree: Tree, spec: str) -> Iterator[tuple[HeldJob, subprocess.Popen]]:
+    """Run a HeldJob on ``spec``; however the test ends, the job is let go and gproc is gone."""
+    job = HeldJob(tree.root / "held")
+    client = tree.popen("e", spec, *job.argv())
+    try:
+        yield job, client
+    finally:
+        job.go()
+        if client.poll() is None:  # the test failed before gproc ended
+            client.kill()
+        client.communicate()
+
+
 def test_killed_slave_is_reported_lost(own_tree: Tree) -> None:
-    client = own_tree.popen("e", "./.", "/bin/sh", "-c", "sleep 2; echo finished")
-    time.sleep(1.0)
-    os.kill(own_tree.pid("n6"), signal.SIGKILL)
-    out, err = client.communicate(timeout=30)
+    with held_job(own_tree, "./.") as (job, client):
+        job.wait_started(ALL)
+        os.kill(own_tree.pid("n6"), signal.SIGKILL)
+        job.go()
+        out, err = client.communicate(timeout=30)
     assert client.returncode == 255
     assert "lost n6" in err
     finished = labelled(out)
@@ -177,10 +224,11 @@ def test_killed_slave_is_reported_lost(own_tree: Tree) -> None:
 
 
 def test_killed_rack_master_loses_its_rack(own_tree: Tree) -> None:
-    client = own_tree.popen("e", "./.", "/bin/sh", "-c", "sleep 2; echo finished")
-    time.sleep(1.0)
-    os.kill(own_tree.pid("n8"), signal.SIGKILL)
-    out, err = client.communicate(timeout=30)
+    with held_job(own_tree, "./.") as (job, client):
+        job.wait_started(ALL)
+        os.kill(own_tree.pid("n8"), signal.SIGKILL)
+        job.go()
+        out, err = client.communicate(timeout=30)
     assert client.returncode == 255
     assert "lost n[5-8]" in err
     assert sorted(labelled(out)) == ["n1", "n2", "n3", "n4"]
@@ -188,26 +236,50 @@ def test_killed_rack_master_loses_its_rack(own_tree: Tree) -> None:
     assert again.returncode == 0, again.stderr
 
 
-def sleepers(tag: str) -> list[int]:
-    """Pids of the job's sleep processes (run through the shipped loader)."""
-    r = subprocess.run(["pgrep", "-f", f"ld-linux.*sleep {tag}"], capture_output=True, text=True)
-    return [int(p) for p in r.stdout.split()]
+def running(tree: Tree, last_arg: str) -> dict[str, int]:
+    """Node -> pid of this tree's job processes whose last argument is ``last_arg``.
+
+    A job runs as ``BINROOT/nN/lib64/ld-linux... BINROOT/nN/bin/prog ARGS``; matching on this
+    tree's binRoot keeps out the same test run by another worker or another checkout.
+    """
+    prefix = f"{tree.bin_root}/"
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if len(args) > 1 and args[0].startswith(prefix) and args[-1] == last_arg:
+            found[args[0][len(prefix) :].partition("/")[0]] = int(pid)
+    return found
+
+
+@contextlib.contextmanager
+def sigint_as_from_a_terminal() -> Iterator[None]:
+    """Children started inside take SIGINT at its default, as from a terminal's Ctrl-C.
+
+    A test run started in the background by a non-interactive shell (``tox &``, a CI step)
+    inherits SIGINT ignored, and a gproc started from it would rightly ignore it too. A
+    disposition set to a handler is reset to the default by exec, so the child starts with
+    Python's KeyboardInterrupt whatever this process inherited.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_ctrl_c_kills_the_job_everywhere(tree: Tree) -> None:
     tag = "4242.5"
-    client = tree.popen("e", "./.", "/bin/sleep", tag)
-    deadline = time.monotonic() + 20
-    while len(sleepers(tag)) < 8 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(sleepers(tag)) == 8
+    with sigint_as_from_a_terminal():
+        client = tree.popen("e", "./.", "/bin/sleep", tag)
+    wait_until(lambda: running(tree, tag), 20, "sleep on every node", lambda r: len(r) == 8)
     client.send_signal(signal.SIGINT)
     client.communicate(timeout=10)
     assert client.returncode == 130
-    deadline = time.monotonic() + 10
-    while sleepers(tag) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sleepers(tag) == []
+    wait_until(lambda: running(tree, tag), 10, "no sleep left on any node", lambda r: not r)
     assert tree.gproc("e", "./.", "/bin/true").returncode == 0
 
 
@@ -215,10 +287,11 @@ def test_paused_slave_is_reported_lost(tmp_path) -> None:
     """A frozen node still ACKs at the TCP level; the heartbeat is what finds it out."""
     tree = start_tree(tmp_path / "tree", heartbeat=0.25)
     try:
-        client = tree.popen("e", "./.", "/bin/sh", "-c", "sleep 1.5; echo finished")
-        time.sleep(0.7)
-        os.kill(tree.pid("n6"), signal.SIGSTOP)
-        out, err = client.communicate(timeout=30)
+        with held_job(tree, "./.") as (job, client):
+            job.wait_started(ALL)
+            os.kill(tree.pid("n6"), signal.SIGSTOP)
+            job.go()
+            out, err = client.communicate(timeout=30)
         assert client.returncode == 255
         assert "lost n6" in err
         assert sorted(labelled(out)) == sorted(n for n in ALL if n != "n6")
@@ -306,9 +379,20 @@ def test_a_client_that_stops_reading_does_not_cost_the_rack(tmp_path: Path) -> N
     tree = start_tree(tmp_path / "tree", heartbeat=0.25)
     try:
         client = tree.popen("e", "1/1", "/usr/bin/yes")  # stdout piped, never read
-        time.sleep(3)
-        info = tree.gproc("i")
-        assert info.stdout.splitlines()[-1] == "8 nodes below master: 8 up, 0 lost"
+        pipe = client.stdout.fileno()
+        size = fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ)
+        wait_until(
+            lambda: int.from_bytes(fcntl.ioctl(pipe, termios.FIONREAD, b"\0" * 4), "little"),
+            30,
+            f"gproc's stdout pipe ({size} bytes) to fill: the reader has stalled",
+            lambda unread: unread >= size - 4096,
+        )
+        # The claim is that nothing happens while the stall lasts: no node is dropped over
+        # 12 heartbeats (4 silent beats drop a peer), checked throughout, not only at the end.
+        hold = time.monotonic() + 12 * 0.25
+        while time.monotonic() < hold:
+            info = tree.gproc("i")
+            assert info.stdout.splitlines()[-1] == "8 nodes below master: 8 up, 0 lost"
         client.kill()
         client.wait()
         assert tree.gproc("e", "./.", "/bin/true").returncode == 0
@@ -335,10 +419,7 @@ def test_cancel_right_after_the_plan_kills_every_program(tree: Tree) -> None:
         while (frame := conn.recv()) is not None and type(frame) is not Need:
             pass
         conn.close()
-    deadline = time.monotonic() + 10
-    while sleepers(tag) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sleepers(tag) == []
+    wait_until(lambda: running(tree, tag), 10, "no sleep left on any node", lambda r: not r)
 
 
 def test_a_child_with_a_malformed_subtree_is_dropped(tree: Tree) -> None:
@@ -365,10 +446,9 @@ def test_a_child_with_a_malformed_subtree_is_dropped(tree: Tree) -> None:
 
 def test_a_stopped_node_is_forgotten_not_lost(own_tree: Tree) -> None:
     os.kill(own_tree.pid("n6"), signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while "n6" in own_tree.gproc("i").stdout and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "n6" not in own_tree.gproc("i").stdout
+    wait_until(
+        lambda: own_tree.gproc("i").stdout, 10, "n6 to leave the tree", lambda s: "n6" not in s
+    )
     r = own_tree.gproc("e", "2/.", "/bin/true")
     assert r.returncode == 0, r.stderr
 
