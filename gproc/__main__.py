@@ -2,6 +2,9 @@
 
 import sys
 
-from gproc.cli import main
+try:
+    from gproc.cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python was still loading gproc
+    sys.exit(130)
 
 sys.exit(main())

@@ -236,11 +236,11 @@ def setup_logging(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.debug)
-    from gproc import commands
-
     try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        setup_logging(args.debug)
+        from gproc import commands
+
         return commands.run(args)
     except KeyboardInterrupt:
         print("gproc: interrupted; the job is killed on every node", file=sys.stderr)

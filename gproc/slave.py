@@ -222,9 +222,15 @@ class NodeRun(LocalRunner):
         if self.killed:  # the kill came while the program was being started
             sandbox.kill_group(self.proc)
         pumps = asyncio.gather(self._pump(self.proc.stdout, 1), self._pump(self.proc.stderr, 2))
-        status = sandbox.exit_status(await self.proc.wait())
-        sandbox.kill_group(self.proc, force=True)  # what the program left running dies with it
-        await pumps
+        try:
+            status = sandbox.exit_status(await self.proc.wait())
+            sandbox.kill_group(self.proc, force=True)  # what it left running dies with it
+            await pumps
+        finally:
+            if not pumps.done():  # the daemon is stopping: nobody reads the output any more
+                sandbox.kill_group(self.proc, force=True)
+                pumps.cancel()
+                pumps.add_done_callback(lambda f: f.cancelled() or f.exception())
         return status
 
     async def _pump(self, stream: asyncio.StreamReader | None, fd: int) -> None:
