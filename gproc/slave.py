@@ -253,14 +253,16 @@ class NodeRun(LocalRunner):
 
     async def _cleanup(self) -> None:
         unpacker, self.unpacker = self.unpacker, None
+        t = time.perf_counter()
+        await asyncio.to_thread(self._remove, unpacker)  # one trip to a worker thread
+        log.debug("job %s: cleaned up in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3)
+
+    def _remove(self, unpacker: Unpacker | None) -> None:
+        """What the job left on disk: a half-written bundle, and the staging directory."""
         if unpacker is not None:
-            await asyncio.to_thread(unpacker.abort)
+            unpacker.abort()
         if self.private:
-            t = time.perf_counter()
-            await asyncio.to_thread(shutil.rmtree, self.files_root, True)
-            log.debug(
-                "job %s: staging removed in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3
-            )
+            shutil.rmtree(self.files_root, ignore_errors=True)
 
     async def kill(self) -> None:
         self.killed = True
