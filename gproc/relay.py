@@ -50,7 +50,7 @@ from gproc.protocol import (
     Welcome,
     encode,
 )
-from gproc.session import handshake
+from gproc.session import body_digest, handshake
 from gproc.stream import (
     HEARTBEAT,
     Conn,
@@ -65,7 +65,7 @@ from gproc.stream import (
 log = logging.getLogger("gproc.relay")
 
 UP_WINDOW = 256 << 10  # output bytes of one job a child may send before this hop passes them on
-DOWN_WINDOW = 1 << 20  # file bytes of one job a parent may send before the child passes them on
+DOWN_WINDOW = 4 << 20  # file bytes of one job a parent may send before the child passes them on
 MAX_OUT_FRAME = 1 << 20  # the largest output frame (gproc.protocol.Out)
 MAX_UNAUTHENTICATED = 64  # connections still in their handshake; more are closed at once
 REGISTER_TIMEOUT = 10.0
@@ -223,7 +223,7 @@ class Job:
         small files costs one system call per child, not one per file and child); when a
         leg's window is empty, everything gathered is written before waiting for credit.
         """
-        gathered: dict[Leg, list[bytes]] = {}
+        gathered: dict[Leg, list[tuple[bytes, bytes]]] = {}
         for index, data in chunks:
             legs = [
                 leg
@@ -233,16 +233,17 @@ class Job:
             if not legs:
                 continue
             body, cost = encode(Data(self.jid, index, data)), charge(len(data))
+            sealed = (body, body_digest(body))  # hashed once for every child
             for leg in legs:
                 if not leg.window.try_take(cost):
                     self._write_all(gathered)
                     await leg.window.take(cost)
-                gathered.setdefault(leg, []).append(body)
+                gathered.setdefault(leg, []).append(sealed)
         self._write_all(gathered)
         await self._drain_legs(list(self.legs.values()))
 
     @staticmethod
-    def _write_all(gathered: dict[Leg, list[bytes]]) -> None:
+    def _write_all(gathered: dict[Leg, list[tuple[bytes, bytes]]]) -> None:
         for leg, bodies in gathered.items():
             if bodies and not leg.done:
                 try:

@@ -99,14 +99,18 @@ class Conn:
         else:
             self.writer.write(LENGTH.pack(len(body)) + body)
 
-    def write_bodies(self, bodies: list[bytes]) -> None:
-        """Several frames in one write (one system call for a batch of small files)."""
+    def write_bodies(self, bodies: list[tuple[bytes, bytes | None]]) -> None:
+        """Several frames, each a (body, its body_digest or None), in one write."""
         if self.closed or self.writer.is_closing():
             raise ConnectionResetError("connection already closed")
-        if self.session is not None:
-            self.writer.write(b"".join(map(self.session.seal, bodies)))
-        else:
-            self.writer.write(b"".join(LENGTH.pack(len(b)) + b for b in bodies))
+        parts: list[bytes] = []
+        for body, digest in bodies:
+            if self.session is not None:
+                head, mac = self.session.seal_parts(body, digest)
+                parts += (head, body, mac)
+            else:
+                parts += (LENGTH.pack(len(body)), body)
+        self.writer.write(b"".join(parts))  # one copy of the batch, one write
 
     def write(self, frame: Frame) -> None:
         """Queue one frame without waiting for the socket (the caller drains when it must)."""
