@@ -113,7 +113,7 @@ class Master:
         except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
             log.warning("client dropped: %s", e or type(e).__name__)
         finally:
-            await conn.close()
+            await conn.close(grace=None)  # every byte of output reaches the reader
 
     async def _job(self, conn: Conn, header: JobHeader) -> None:
         checked = await self._check(conn, header)

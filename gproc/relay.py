@@ -175,6 +175,7 @@ class Job:
         self.finished = asyncio.Event()
         self.killed = False
         self.ending = False
+        self.opening = False
         self.up_window = up_window  # None: upstream is a client socket, its drain is enough
         self.local_window = Window(UP_WINDOW)
         self.queue: collections.deque[tuple[Frame, Leg | None, int]] = collections.deque()
@@ -203,10 +204,15 @@ class Job:
                 child.conn.write_body(bodies[sub])
             except (ConnectionError, RuntimeError) as e:
                 self.leg_lost(leg, f"cannot send to {child.name}: {e}")
-        await self._drain_legs(list(self.legs.values()))
+        # no drain: a header is small, and waiting on one slow child here would stop the
+        # caller (a slave's loop reading its parent) from reading for every job
 
     async def open(self, spec: nodespec.Spec) -> None:
-        await self.open_legs(spec)
+        self.opening = True  # a leg lost while others are still being opened ends nothing
+        try:
+            await self.open_legs(spec)
+        finally:
+            self.opening = False
         self.maybe_finish()
 
     async def needs(self) -> set[int]:
@@ -348,7 +354,7 @@ class Job:
 
     def maybe_finish(self) -> None:
         """Once every leg and the local run are over, queue ``done`` behind their frames."""
-        if self.ending or self.killed:
+        if self.ending or self.killed or self.opening:
             return
         if all(leg.done for leg in self.legs.values()) and (self.local is None or self.local.done):
             self.ending = True
@@ -466,9 +472,9 @@ class Hop:
             else:
                 log.warning("dropped %s (%s): %s", conn.peer(), child.name, why)
         finally:
-            await conn.close()
             if child is not None:
-                self._child_gone(child)
+                self._child_gone(child)  # first: its jobs must not wait on the close
+            await conn.close()
 
     async def _register(self, conn: Conn) -> Child | None:
         frame = await within(conn.recv(), REGISTER_TIMEOUT)
@@ -508,19 +514,22 @@ class Hop:
                 raise ProtocolError(f"unexpected {kind.__name__} frame from a child")
 
     def _child_gone(self, child: Child) -> None:
-        if self.children.get(child.node_id) is not child:
-            return
-        del self.children[child.node_id]
-        if child.leaving:
-            log.info("child %s (id %d) stopped", child.name, child.node_id)
-        else:
-            self.lost[child.node_id] = dict(child.tree(), state="lost", children=[])
-            log.warning("child %s (id %d) is gone", child.name, child.node_id)
+        """A child's connection ended: its legs are lost, and, unless it has registered
+        again meanwhile (a new connection took its place), so is its place in the tree."""
+        current = self.children.get(child.node_id) is child
+        if current:
+            del self.children[child.node_id]
+            if child.leaving:
+                log.info("child %s (id %d) stopped", child.name, child.node_id)
+            else:
+                self.lost[child.node_id] = dict(child.tree(), state="lost", children=[])
+                log.warning("child %s (id %d) is gone", child.name, child.node_id)
         for job in list(child.jobs.values()):
             leg = job.legs.get(child.node_id)
-            if leg is not None:
+            if leg is not None and leg.child is child:
                 job.leg_lost(leg, f"connection to {child.name} lost")
-        self._changed()
+        if current:
+            self._changed()
 
     # ------------------------------------------------------------ jobs from upstream
 

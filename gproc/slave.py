@@ -131,6 +131,7 @@ class NodeRun(LocalRunner):
         self.unpacker: Unpacker | None = None
         self.prepared: asyncio.Task[frozenset[int]] | None = None
         self.needed: frozenset[int] = frozenset()
+        self.writing: asyncio.Future[None] | None = None
 
     def attach(self, job: Job) -> None:
         """Start preparing the files (in a thread); launch once nothing more is needed."""
@@ -161,24 +162,34 @@ class NodeRun(LocalRunner):
         return await self.prepared
 
     async def feed(self, chunks: list[tuple[int, bytes]]) -> None:
-        """Write chunks of needed files (in a thread); launch when the last file is in."""
-        if self.error or self.unpacker is None or self.task is not None:
+        """Write chunks of needed files (in a thread); launch when the last file is in.
+
+        A kill waits for a write in progress (:attr:`writing`) before it removes the files,
+        so the two never run at once.
+        """
+        if self.error or self.killed or self.unpacker is None or self.task is not None:
             return
         wanted = [(i, b) for i, b in chunks if i in self.needed]
         if not wanted:
             return
+        unpacker = self.unpacker
+        self.writing = asyncio.ensure_future(asyncio.to_thread(self._write, unpacker, wanted))
         try:
-            await asyncio.to_thread(self._write, wanted)
+            await self.writing
         except (BundleError, OSError) as e:
             self.error = f"bundle refused: {e}"
-            await asyncio.to_thread(self.unpacker.abort)
-        if self.error or self.unpacker.complete:
+            await asyncio.to_thread(unpacker.abort)
+        finally:
+            self.writing = None
+        if self.killed:
+            return
+        if self.error or unpacker.complete:
             self._launch()
 
-    def _write(self, chunks: list[tuple[int, bytes]]) -> None:
-        assert self.unpacker is not None
+    @staticmethod
+    def _write(unpacker: Unpacker, chunks: list[tuple[int, bytes]]) -> None:
         for index, data in chunks:
-            self.unpacker.feed(index, data)
+            unpacker.feed(index, data)
 
     def _launch(self) -> None:
         if self.task is None:
@@ -244,7 +255,10 @@ class NodeRun(LocalRunner):
 
     async def _fail(self, message: str, status: int) -> int:
         log.warning("job %s: %s", self.jid, message)
-        self._up(Out(self.jid, self.node.name, 2, f"gproc: {message}\n".encode()))
+        text = f"gproc: {message}\n".encode()
+        if self.job is not None:
+            await self.job.local_window.take(charge(len(text)))
+        self._up(Out(self.jid, self.node.name, 2, text), charge(len(text)))
         return status
 
     def _up(self, frame: Frame, cost: int = 0) -> None:
@@ -268,8 +282,9 @@ class NodeRun(LocalRunner):
         self.killed = True
         if self.proc is not None:
             sandbox.kill_group(self.proc)
-        if self.prepared is not None and not self.prepared.done():
-            await asyncio.gather(self.prepared, return_exceptions=True)
+        for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
+            if step is not None and not step.done():
+                await asyncio.gather(step, return_exceptions=True)
         if self.task is None:
             await self._cleanup()
             self.done = True
@@ -310,8 +325,10 @@ class Inflow:
             batch = list(self.queue)
             self.queue.clear()
             local = asyncio.ensure_future(self.run.feed(batch))
-            await self.job.forward(batch)
-            await local
+            try:
+                await self.job.forward(batch)
+            finally:
+                await asyncio.gather(local, return_exceptions=True)  # never left unretrieved
             size = sum(charge(len(data)) for _, data in batch)
             self.held -= size
             self.parent.send_nowait(Credit(self.job.jid, size))

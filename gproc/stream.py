@@ -11,6 +11,7 @@ the socket's permissions say who may connect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -138,13 +139,33 @@ class Conn:
             return f"{name[0]}:{name[1]}"
         return str(name or "unix socket")
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = 1.0) -> None:
+        """Close, giving queued frames ``grace`` seconds to leave; then drop the link.
+
+        asyncio stops reading a transport closed with unsent data and waits for it to
+        drain, which a dead or stalled peer never lets happen: the link would neither send
+        nor notice its end. So on a tree link what cannot leave in time is dropped (the
+        link aborted). ``None`` waits as long as it takes: the end of a client's job, whose
+        last output its reader may take its time over.
+        """
         self.closed = True
-        self.writer.close()
+        if grace is None:
+            self.writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self.writer.wait_closed()
+            return
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() and not transport.is_closing():
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+                await within(self.writer.drain(), grace)
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            self.writer.close()
         try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
+            await within(self.writer.wait_closed(), grace)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            transport.abort()
 
 
 FRAME_COST = 512  # what a window charges for a frame beyond its bytes
@@ -270,7 +291,7 @@ async def keep_alive(
         for conn in list(peers()):
             if now - conn.last_heard > every * SILENT_BEATS:
                 log.warning("%s silent for %.0fs; dropping it", conn.peer(), now - conn.last_heard)
-                conn.writer.close()
+                conn.writer.transport.abort()  # not close(): unsent frames would keep it open
             else:
                 conn.send_nowait(Ping())
 
