@@ -14,15 +14,18 @@ output costs: the work per chunk must not grow with what the node printed before
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from gproc.deploy.local import LocalTree, Settings
-from gproc.output import Printer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_launch import free_base  # noqa: E402
+
+from gproc.deploy.local import LocalTree, Settings  # noqa: E402
+from gproc.output import Printer  # noqa: E402
 
 
 def run(raw: bool, mib: int, chunk_kib: int, nodes: int) -> float:
@@ -40,18 +43,6 @@ def run(raw: bool, mib: int, chunk_kib: int, nodes: int) -> float:
             printer.exited(name, 0)
         printer.finish()
         return time.perf_counter() - start
-
-
-def free_base(count: int) -> int:
-    for base in range(31000, 60000, 97):
-        try:
-            for port in range(base, base + count + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise SystemExit("no free block of loopback ports")
 
 
 def end_to_end(mib: int) -> tuple[float, float]:

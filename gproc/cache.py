@@ -272,29 +272,23 @@ def copy_fd(src: int, dst: int, size: int) -> None:
     ``copy_file_range`` (within one file system), else ``sendfile`` (across file systems, a
     tmpfs say), both in the kernel; else reads and writes.
     """
+
+    def send(left: int, at: int) -> int:
+        os.lseek(dst, at, os.SEEK_SET)  # sendfile writes at dst's own offset
+        return os.sendfile(dst, src, at, left)
+
     done = 0
-    while done < size:
-        try:
-            n = os.copy_file_range(src, dst, size - done, done, done)
-        except OSError as e:
-            if e.errno not in _CANNOT:
-                raise
-            break
-        if n == 0:
-            raise OSError(errno.EIO, f"source ended after {done} of {size} bytes")
-        done += n
-    if done < size:
-        os.lseek(dst, done, os.SEEK_SET)
-    while done < size:
-        try:
-            n = os.sendfile(dst, src, done, size - done)
-        except OSError as e:
-            if e.errno not in _CANNOT:
-                raise
-            break
-        if n == 0:
-            raise OSError(errno.EIO, f"source ended after {done} of {size} bytes")
-        done += n
+    for kernel_copy in (lambda left, at: os.copy_file_range(src, dst, left, at, at), send):
+        while done < size:
+            try:
+                n = kernel_copy(size - done, done)
+            except OSError as e:
+                if e.errno not in _CANNOT:
+                    raise
+                break
+            if n == 0:
+                raise OSError(errno.EIO, f"source ended after {done} of {size} bytes")
+            done += n
     while done < size:
         block = os.pread(src, min(BLOCK, size - done), done)
         if not block:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from harness.waiting import wait_until
 
 from .checks import by_node, gproc, names
 
@@ -25,18 +25,11 @@ print(len(seen), "nodes", "bad:", ",".join(bad) or "none")
 """
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001 - a callable
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-
-
 def test_a_stalled_reader_leaves_other_jobs_alone(cluster):
     kn1_seq = lambda: cluster.exec(["pgrep", "-f", f"seq 1 {LINES}"], host="kn1").status == 0  # noqa: E731
     cluster.exec(["sh", "-c", STALL], timeout=60)
     try:
-        wait_until(kn1_seq, 60, "the stalled job to start on kn1")
+        wait_until(kn1_seq, 60, "the stalled job to start on kn1", interval=0.3)
         everywhere = gproc(cluster, "e", "./.", "/bin/hostname", timeout=60)
         assert everywhere.status == 0, everywhere.err
         assert set(by_node(everywhere)) == names(1, 80)
@@ -47,7 +40,8 @@ def test_a_stalled_reader_leaves_other_jobs_alone(cluster):
     finally:
         cluster.exec(["touch", "/tmp/go"])
     ended = ["sh", "-c", "test -s /tmp/stall.status && test -e /tmp/stall.read"]
-    wait_until(lambda: cluster.exec(ended).status == 0, 120, "the stalled job to end once read")
+    ended_ok = lambda: cluster.exec(ended).status == 0  # noqa: E731
+    wait_until(ended_ok, 120, "the stalled job to end once read", interval=0.3)
     assert cluster.exec(["cat", "/tmp/stall.status"]).out.strip() == "0"
     check = cluster.exec(["python3", "-c", CHECK], timeout=60)
     assert check.out.strip() == "20 nodes bad: none", check.out + check.err

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,23 +22,9 @@ from conftest import Tree, free_port_block
 
 from gproc.protocol import LENGTH, MAC, Frame, JobHeader, decode, encode
 from gproc.session import Secrets, Session
+from harness.waiting import wait_until as wait_until  # re-exported for the attack tests
 
 T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something true; fail naming ``what`` and the last
-    value seen when ``timeout`` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}"
-            )
-        time.sleep(0.05)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
