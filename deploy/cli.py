@@ -167,7 +167,7 @@ def run_local(args: argparse.Namespace) -> int:
 def run_ssh(args: argparse.Namespace) -> int:
     from gproc.client import fetch_tree, format_tree
     from gproc.keys import create_key, default_key_path
-    from gproc.locales import LocaleError, LocaleOptions, load_locale
+    from gproc.locales import LocaleOptions, load_locale
 
     from .remote import SshOptions
     from .ssh import Settings, SshDeployer
@@ -191,10 +191,7 @@ def run_ssh(args: argparse.Namespace) -> int:
         bin_root=args.bin_root or "/tmp/xproc",
         rack_size=getattr(args, "racksize", None),
     )
-    try:
-        locale = load_locale(args.locale, opts)
-    except LocaleError as e:
-        raise GprocError(str(e)) from None
+    locale = load_locale(args.locale, opts)  # a LocaleError is a GprocError: one line, exit 1
     settings = Settings(
         locale=args.locale,
         cmdport=args.cmdport,

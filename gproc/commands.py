@@ -18,15 +18,6 @@ from gproc.keys import create_key, load_key
 log = logging.getLogger("gproc")
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Every exception type whose message is meant for the user (printed, exit 1)."""
-    from gproc.elf import ClosureError
-    from gproc.locales import LocaleError
-    from gproc.nodespec import SpecError
-
-    return (GprocError, LocaleError, ClosureError, SpecError)
-
-
 def run(args: argparse.Namespace) -> int:
     return MODES[args.mode](args)
 

@@ -26,8 +26,10 @@ from elftools.construct import ConstructError
 from elftools.construct.lib.container import Container
 from elftools.elf.structs import ELFStructs
 
+from gproc.errors import GprocError
 
-class ClosureError(__import__("gproc.errors").errors.GprocError):  # GprocError, imported here
+
+class ClosureError(GprocError):
     """The closure cannot be built; the message names the object and what to do about it."""
 
 
