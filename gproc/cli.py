@@ -113,6 +113,19 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
         metavar="SECONDS",
     )
     add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
+    add(
+        "allow",
+        "m: who may use the tree: owner (the master's user, socket 0600), all (every local "
+        "user, 0666) or group:NAME (0660); each job runs as its user on every node "
+        "(default owner)",
+        metavar="WHO",
+    )
+    add(
+        "export",
+        "e: environment shipped to the nodes: ALL, NONE or NAME,NAME... (default ALL); the "
+        "nodes set USER, HOME, SHELL and PATH for what is not shipped",
+        metavar="WHAT",
+    )
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
@@ -136,6 +149,8 @@ DEFAULTS = {
     "key": None,
     "cacheMB": 512,
     "heartbeat": 5.0,
+    "allow": "owner",
+    "export": "ALL",
     "raw": False,
     "b": False,
     "ldenv": False,

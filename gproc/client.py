@@ -13,7 +13,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from gproc import nodespec
+from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.output import Printer
@@ -57,6 +57,28 @@ class ExecOptions:
     skip_missing: bool = False
     raw: bool = False
     fold: bool = False
+    export: str = "ALL"
+
+
+def exported_env(export: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment shipped with the job, as srun's --export: ALL, NONE or NAME,NAME...
+
+    What is not shipped never leaves this machine; the nodes then set what a login would
+    (USER, LOGNAME, HOME, SHELL, PATH) for the job's user.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    if export == "ALL":
+        return environ
+    if export == "NONE":
+        return {}
+    names = [n.strip() for n in export.split(",")]
+    bad = [n for n in names if not n or "=" in n or n in ("ALL", "NONE")]
+    if bad:
+        raise ClientError(
+            f"-export {export!r}: give ALL, NONE, or variable names separated by commas "
+            f"(NAME,NAME...); {bad[0]!r} is not a name"
+        )
+    return {n: environ[n] for n in names if n in environ}
 
 
 def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
@@ -69,7 +91,7 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
         job="",
         spec=opts.spec,
         argv=list(opts.argv),
-        env=dict(os.environ),
+        env=exported_env(opts.export),
         cwd=os.getcwd(),
         mode="local",
         prog="",
@@ -119,7 +141,8 @@ class BlockingConn:
     """A framed Unix-socket connection for a client: one thread may send while one receives.
 
     It spares every ``gproc e`` the import of asyncio. The master's socket needs no MAC: its
-    file permissions say who may connect.
+    file mode says who may connect, and the kernel tells each side who the other is
+    (``SO_PEERCRED``, gproc.users).
     """
 
     def __init__(self, sock: socket.socket):
@@ -162,8 +185,17 @@ def connect(uds: str) -> BlockingConn:
     except PermissionError:
         sock.close()
         raise ClientError(
-            f"{uds} belongs to another user's master; use -defaultMasterUDS to name yours"
+            f"{uds} belongs to a master you may not use (its -allow); "
+            "use -defaultMasterUDS to name your tree's socket"
         ) from None
+    server = users.peer_of(sock)
+    if server.uid not in (0, os.geteuid()):
+        sock.close()
+        raise ClientError(
+            f"{uds} is served by {users.describe(server.uid)}, not root or you: it may be "
+            "another user's trap, so nothing was sent; use -defaultMasterUDS to name your "
+            "tree's socket"
+        )
     return BlockingConn(sock)
 
 

@@ -46,7 +46,9 @@ def key_for(args: argparse.Namespace) -> bytes:
 
 def do_master(args: argparse.Namespace) -> int:
     from gproc.master import Master
+    from gproc.users import Allow
 
+    allow = Allow.parse(args.allow)
     locale = locale_for(args)
     master = Master(
         locale.master_name(),
@@ -54,6 +56,7 @@ def do_master(args: argparse.Namespace) -> int:
         args.defaultMasterUDS,
         key_for(args),
         args.heartbeat,
+        allow,
     )
 
     async def serve() -> None:
@@ -122,6 +125,7 @@ def do_exec(args: argparse.Namespace) -> int:
         skip_missing=args.skipMissing,
         raw=args.raw,
         fold=args.b,
+        export=args.export,
     )
     return run_exec(opts)
 

@@ -1,22 +1,25 @@
 """The master daemon (``gproc m``): the root of the tree, serving exec clients on a Unix socket.
 
 The master is a relay hop that never runs jobs itself. Children register over TCP; clients
-(``gproc e``, ``gproc i``) talk over a Unix socket created mode 0600, so only its owner can
-start jobs. Before any file byte moves, the master checks the job header and answers with
-the plan (the nodes the spec selects in its view of the whole tree, and the ids it names that
-no live node answers to); a spec that selects nothing is refused there. A client that goes
-away before its job is done has its job killed on every node.
+(``gproc e``, ``gproc i``) talk over a Unix socket whose mode says who may (``-allow``: 0600
+for the master's own user, 0660 for a group, 0666 for everyone). The kernel tells the master
+who each client is (gproc.users); the master stamps that user into the job header, and every
+node runs the job as that user. Before any file byte moves, the master checks the job header
+and answers with the plan (the nodes the spec selects in its view of the whole tree, and the
+ids it names that no live node answers to); a spec that selects nothing is refused there. A
+client that goes away before its job is done has its job killed on every node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 
-from gproc import nodespec
+from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, check_manifest
 from gproc.errors import GprocError
 from gproc.protocol import (
@@ -48,11 +51,24 @@ class MasterRunning(GprocError):
     """Another master already answers on the Unix socket."""
 
 
+class SocketTaken(GprocError):
+    """The socket path belongs to another user: the master will not take it over."""
+
+
 class Master:
-    def __init__(self, name: str, listen: tuple[str, int], uds: str, key: bytes, heartbeat: float):
+    def __init__(
+        self,
+        name: str,
+        listen: tuple[str, int],
+        uds: str,
+        key: bytes,
+        heartbeat: float,
+        allow: users.Allow | None = None,
+    ):
         self.name = name
         self.listen = listen
         self.uds = uds
+        self.allow = allow or users.Allow()
         self.hop = Hop(name, 0, key, heartbeat=heartbeat)
         self.uds_server: asyncio.base_events.Server | None = None
 
@@ -68,22 +84,50 @@ class Master:
     async def start(self) -> None:
         await self.hop.serve(*self.listen)
         await self._serve_uds()
-        log.info("master %s: children on %s:%d, clients on %s", self.name, *self.listen, self.uds)
+        log.info(
+            "master %s: children on %s:%d, clients on %s (-allow %s)",
+            self.name,
+            *self.listen,
+            self.uds,
+            self.allow,
+        )
 
     async def _serve_uds(self) -> None:
-        if os.path.exists(self.uds):
-            if _answers(self.uds):
-                raise MasterRunning(
-                    f"a master already runs on {self.uds}; stop it first "
-                    "(gproc-deploy down) or pick another -defaultMasterUDS"
-                )
-            os.unlink(self.uds)
+        self._claim_path()
         old = os.umask(0o177)
         try:
             self.uds_server = await asyncio.start_unix_server(self._client, self.uds)
         finally:
             os.umask(old)
-        os.chmod(self.uds, 0o600)
+        if self.allow.kind == "group":
+            os.chown(self.uds, -1, self.allow.gid)
+        os.chmod(self.uds, self.allow.mode)
+
+    def _claim_path(self) -> None:
+        """Make the socket's directory if needed; remove a stale socket of ours, nobody else's.
+
+        In a directory others can write (``/tmp``), anyone may create the path first and wait
+        for clients: a path another user holds is refused, naming that user.
+        """
+        directory = os.path.dirname(os.path.abspath(self.uds))
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            st = os.lstat(self.uds)
+        except FileNotFoundError:
+            return
+        if st.st_uid != os.geteuid():
+            raise SocketTaken(
+                f"{self.uds} already exists and belongs to {users.describe(st.st_uid)}, not to "
+                f"{users.describe(os.geteuid())} who runs this master; remove it (as root) or "
+                "give -defaultMasterUDS a path in a directory only you can write, such as "
+                "/run/gproc/sock"
+            )
+        if _answers(self.uds):
+            raise MasterRunning(
+                f"a master already runs on {self.uds}; stop it first "
+                "(gproc-deploy down) or pick another -defaultMasterUDS"
+            )
+        os.unlink(self.uds)
 
     async def close(self) -> None:
         if self.uds_server is not None:
@@ -98,11 +142,25 @@ class Master:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer, limit=MAX_FRAME)
         try:
+            peer = users.peer_of(writer.get_extra_info("socket"))
+            name = users.user_name(peer.uid)
+            refusal = (
+                f"uid {peer.uid} has no name in this front-end's user database, so no node "
+                "could run its jobs"
+                if name is None
+                else self.allow.refusal(peer, name)
+            )
+            if refusal is not None:
+                log.warning("client pid %d (%s) refused: %s", peer.pid, name, refusal)
+                await conn.send(Error(refusal))
+                return
             frame = await within(conn.recv(), CLIENT_HELLO_TIMEOUT)
             if type(frame) is Info:
                 await conn.send(TreeReply(self.tree()))
             elif type(frame) is JobHeader:
-                await self._job(conn, frame)
+                assert name is not None
+                stamped = dataclasses.replace(frame, user=name, uid=peer.uid, gid=peer.gid)
+                await self._job(conn, stamped)
             elif frame is not None:
                 raise ProtocolError(f"unexpected {type(frame).__name__} frame from a client")
         except VersionMismatch as e:
@@ -122,7 +180,7 @@ class Master:
         spec, entries, nodes, missing = checked
         await conn.send(Plan(nodes, missing))
         job = self.hop.new_job(header, conn, None)
-        log.info("job %s: %s on %s", job.jid, header.argv[0], header.spec)
+        log.info("job %s: %s on %s as %s", job.jid, header.argv[0], header.spec, header.user)
         try:
             await job.open(spec)
             need = await job.needs()
@@ -137,6 +195,15 @@ class Master:
 
     async def _check(self, conn: Conn, header: JobHeader) -> Checked | None:
         """Check the header against the tree; None (after telling the client) to refuse."""
+        me = os.geteuid()
+        if me not in (0, header.uid):
+            await conn.send(
+                Error(
+                    f"this tree runs as {users.describe(me)}, not root, so its nodes run only "
+                    f"that user's jobs, not {header.user}'s; use a tree started by root"
+                )
+            )
+            return None
         try:
             spec = nodespec.parse(header.spec)
             entries = await asyncio.to_thread(check_manifest, header.manifest, header.total)

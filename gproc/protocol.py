@@ -39,6 +39,7 @@ MAX_TREE_DEPTH = 16
 MAX_NODES = 1 << 16  # nodes in a tree, names in a plan
 MAX_TEXT = 1 << 16  # any one string but env values and argv items
 MAX_ARG = 1 << 20  # one argv item or env value
+MAX_ID = (1 << 32) - 2  # a uid or gid ((uid_t)-1 means "unchanged" to the kernel)
 
 Tree = dict[str, Any]  # {"id": int, "name": str, "addr": str, "state": str, "children": [...]}
 
@@ -285,6 +286,11 @@ class JobHeader(Frame):
     private: bool
     manifest: list[Any]
     total: int
+    # Who runs the job: stamped by the master from the client socket's peer credentials
+    # (SO_PEERCRED), never taken from the client; empty from the client itself.
+    user: str = ""
+    uid: int = 0
+    gid: int = 0
 
 
 def _job_id_or_empty(v: Any) -> str:
@@ -306,6 +312,9 @@ _kind(
     flag,
     raw_list(1 << 20),
     uint(),
+    text(256),
+    uint(MAX_ID),
+    uint(MAX_ID),
 )(JobHeader)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gproc import nodespec, sandbox
+from gproc import nodespec, sandbox, users
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -94,8 +94,12 @@ def program_argv(header: JobHeader, root: str) -> list[str]:
     return [prog, *argv[1:]]
 
 
-def program_env(header: JobHeader, root: str, node: str, jid: str) -> dict[str, str]:
-    env = dict(header.env)
+def program_env(
+    header: JobHeader, root: str, node: str, jid: str, user: users.RunAs | None = None
+) -> dict[str, str]:
+    """The shipped environment (``-export``), over what a login of the user would set."""
+    env = user.env() if user is not None else {}
+    env.update(header.env)
     env.update(GPROC_NODE=node, GPROC_JOB=jid)
     if header.mode == "env" and header.libdirs:
         env["LD_LIBRARY_PATH"] = ":".join(root + d for d in header.libdirs)
@@ -132,6 +136,7 @@ class NodeRun(LocalRunner):
         self.prepared: asyncio.Task[frozenset[int]] | None = None
         self.needed: frozenset[int] = frozenset()
         self.writing: asyncio.Future[None] | None = None
+        self.user: users.RunAs | None = None
 
     def attach(self, job: Job) -> None:
         """Start preparing the files (in a thread); launch once nothing more is needed."""
@@ -154,8 +159,19 @@ class NodeRun(LocalRunner):
         return self.needed
 
     def _unpacker(self) -> Unpacker:
-        entries = check_manifest(self.header.manifest, self.header.total)
-        return Unpacker(Path(self.files_root), entries, self.jid, self.cache)
+        """Check who runs the job and what it ships, then make what needs no bytes."""
+        h = self.header
+        try:
+            self.user = users.resolve(h.user, h.uid, h.gid, self.node.name)
+        except users.UserRefused as e:
+            raise BundleError(f"not run as {h.user or 'nobody'}: {e}") from None
+        if self.user.switches and not self.private:
+            raise BundleError(
+                "-p=false writes into binRoot, which every user's jobs share: on a tree run "
+                "by root only root's jobs may use it; drop -p=false"
+            )
+        entries = check_manifest(h.manifest, h.total)
+        return Unpacker(Path(self.files_root), entries, self.jid, self.cache, root_mode=0o700)
 
     async def needs(self) -> frozenset[int]:
         assert self.prepared is not None
@@ -212,12 +228,17 @@ class NodeRun(LocalRunner):
     async def _execute(self) -> int:
         root = self.node.bin_root
         os.makedirs(root, exist_ok=True)
+        user = self.user
+        assert user is not None  # resolved before anything was unpacked
         launch = sandbox.Launch(
             argv=program_argv(self.header, root),
-            env=program_env(self.header, root, self.node.name, self.jid),
+            env=program_env(self.header, root, self.node.name, self.jid, user),
             cwd=root + self.header.cwd,
             bind=(self.files_root, root) if self.private else None,
+            user=user if user.switches else None,
         )
+        if self.private and user.switches:
+            await asyncio.to_thread(users.give_tree, self.files_root, user)
         if self.killed:
             return EXIT_KILLED
         try:
@@ -513,6 +534,8 @@ class Slave:
 
 
 def _empty(directory: str) -> None:
+    """Make the staging root empty; others may pass through it (0711) but not list it."""
     os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o711)
     for entry in os.scandir(directory):
         shutil.rmtree(entry.path, ignore_errors=True)
