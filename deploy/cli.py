@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--racksize", type=int, default=None, help="nodes per rack (local: 4)")
     up.add_argument("--parent", default=None, help="the front-end's address, for the nodes")
     up.add_argument("--debug", type=int, default=None, help="daemon log level (default 1)")
+    up.add_argument(
+        "--allow",
+        default=None,
+        metavar="WHO",
+        help="who may use the tree: owner (default), all, or group:NAME; each job runs as "
+        "its user on every node (gproc m -allow)",
+    )
     return p
 
 
@@ -113,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         return usage(f"bad node range {low}..{high}: give both, with 1 <= LOW <= HIGH")
     args.locale = args.locale or remembered_locale(args.cmdport)
     try:
+        if getattr(args, "allow", None):
+            from gproc.users import Allow
+
+            Allow.parse(args.allow)  # a bad value fails here, not in the master's log
         if args.command == "up" and not args.dry_run:
             remember_locale(args.locale, args.cmdport)
         if args.locale == "local":
@@ -141,6 +152,7 @@ def run_local(args: argparse.Namespace) -> int:
         ("racksize", getattr(args, "racksize", None)),
         ("key", args.key),
         ("debug", getattr(args, "debug", None)),
+        ("allow", getattr(args, "allow", None)),
     ):
         if value is not None:
             setattr(s, field, value)
@@ -200,6 +212,7 @@ def run_ssh(args: argparse.Namespace) -> int:
         parent=getattr(args, "parent", None),
         bin_root=args.bin_root,
         debug=getattr(args, "debug", None) or 1,
+        allow=getattr(args, "allow", None) or "owner",
         parallel=args.parallel,
         register_timeout=getattr(args, "timeout", None) or 60.0,
         ssh=SshOptions(

@@ -36,6 +36,7 @@ class Settings:
     key: str | None = None
     debug: int = 1
     heartbeat: float = 5.0
+    allow: str = "owner"  # gproc m -allow: who may use the tree
 
 
 def state_dir(cmdport: int) -> Path:
@@ -74,6 +75,8 @@ class LocalTree:
         ]
         if s.key:
             argv += ["-key", s.key]
+        if mode == ("m",):
+            argv += ["-allow", s.allow]
         return argv + list(mode)
 
     def pid(self, name: str) -> int | None:

@@ -49,6 +49,7 @@ class Settings:
     parent: str | None = None
     bin_root: str | None = None
     debug: int = 1
+    allow: str = "owner"  # gproc m -allow
     parallel: int = 32
     register_timeout: float = 60.0
     ssh: SshOptions = field(default_factory=SshOptions)
@@ -189,7 +190,8 @@ class SshDeployer:
 
     def master_argv(self) -> list[str]:
         switches = self._switches(self.s.key, self.s.locale)
-        return [sys.executable, "-m", "gproc", *switches, "-defaultMasterUDS", self.s.uds, "m"]
+        uds = ["-defaultMasterUDS", self.s.uds, "-allow", self.s.allow]
+        return [sys.executable, "-m", "gproc", *switches, *uds, "m"]
 
     def _switches(self, key: str, locale: str) -> list[str]:
         s = self.s

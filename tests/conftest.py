@@ -96,7 +96,15 @@ class Tree:
         return pid
 
 
-def start_tree(root: Path, nodes: int = 8, racksize: int = 4, heartbeat: float = 5.0) -> Tree:
+def start_tree(
+    root: Path,
+    nodes: int = 8,
+    racksize: int = 4,
+    heartbeat: float = 5.0,
+    allow: str = "owner",
+    launcher: type[LocalTree] = LocalTree,
+) -> Tree:
+    """A tree of real daemons under ``root``; ``launcher`` may wrap how each one starts."""
     root.mkdir(parents=True, exist_ok=True)
     base = free_port_block(nodes)
     settings = Settings(
@@ -107,10 +115,11 @@ def start_tree(root: Path, nodes: int = 8, racksize: int = 4, heartbeat: float =
         key=str(root / "cluster.key"),
         debug=1,
         heartbeat=heartbeat,
+        allow=allow,
     )
-    launcher = LocalTree(settings, state=root / "state")
-    launcher.up(1, nodes, timeout=30, say=lambda _msg: None)
-    return Tree(launcher, root, nodes)
+    started = launcher(settings, state=root / "state")
+    started.up(1, nodes, timeout=30, say=lambda _msg: None)
+    return Tree(started, root, nodes)
 
 
 @pytest.fixture(scope="module")
