@@ -147,6 +147,8 @@ class NodeRun(LocalRunner):
         if not self.error:
             try:
                 self.unpacker = await asyncio.to_thread(self._unpacker)
+            except users.UserRefused as e:
+                self.error = str(e)
             except (BundleError, OSError) as e:
                 self.error = f"bundle refused: {e}"
             except Exception as e:  # anything a strange job does to us costs that job only
@@ -161,12 +163,9 @@ class NodeRun(LocalRunner):
     def _unpacker(self) -> Unpacker:
         """Check who runs the job and what it ships, then make what needs no bytes."""
         h = self.header
-        try:
-            self.user = users.resolve(h.user, h.uid, h.gid, self.node.name)
-        except users.UserRefused as e:
-            raise BundleError(f"not run as {h.user or 'nobody'}: {e}") from None
+        self.user = users.resolve(h.user, h.uid, h.gid, self.node.name)
         if self.user.switches and not self.private:
-            raise BundleError(
+            raise users.UserRefused(
                 "-p=false writes into binRoot, which every user's jobs share: on a tree run "
                 "by root only root's jobs may use it; drop -p=false"
             )
