@@ -1,7 +1,7 @@
 """The ``gproc`` command: one program, one-letter modes, the seed's Go-style switches.
 
-Switches come before the mode (``gproc -locale=kane s``); for ``e`` they may also follow it,
-before the node spec. ``-name=value`` and ``-name value`` both work, and boolean switches take
+Switches come before the mode (``gproc -locale=kane s``) and may also follow it (for ``e``,
+before the node spec). ``-name=value`` and ``-name value`` both work, and boolean switches take
 ``-p=false`` as Go's flag package does.
 """
 
@@ -17,7 +17,7 @@ from gproc import nodespec
 from gproc.errors import GprocError
 
 MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
-BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing")
+BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing", "jobs")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
 DESCRIPTION = """\
@@ -33,7 +33,7 @@ modes:
   e NODES CMD [ARGS...]  exec: run CMD on the nodes NODES selects; exits with the largest
                          exit status (128+signal), 255 when a node was lost or unreachable
   i                      info: the whole tree, every node's id path, name, address, level
-                         and state
+                         and state; with -jobs, the running jobs and their users
   k                      key: create the cluster key (-key) if there is none
 
 node specs:  1-80   nodes 1 to 80 of the first level     .    every first-level node
@@ -130,6 +130,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
     flag("skipMissing", "e: ship what can be found when a library is missing")
+    flag("jobs", "i: list the running jobs (id, user, program, nodes, seconds) instead")
 
 
 DEFAULTS = {
@@ -155,6 +156,7 @@ DEFAULTS = {
     "b": False,
     "ldenv": False,
     "skipMissing": False,
+    "jobs": False,
 }
 
 
@@ -221,17 +223,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise SystemExit(usage_error(f"-heartbeat must be positive, not {args.heartbeat}"))
     if mode == "exec":
         _parse_exec(args)
-    elif args.rest:
-        raise SystemExit(usage_error(f"mode {mode} takes no arguments, got {args.rest[0]!r}"))
+    else:
+        rest = _trailing_switches(args, args.rest)
+        if rest:
+            raise SystemExit(usage_error(f"mode {mode} takes no arguments, got {rest[0]!r}"))
     return args
+
+
+def _trailing_switches(args: argparse.Namespace, tokens: list[str]) -> list[str]:
+    """Switches after the mode (``gproc i -jobs``, ``gproc e -p=false ...``) into ``args``;
+    returns what follows them."""
+    switches, rest = split_switches(go_style(tokens))
+    p = argparse.ArgumentParser(prog=f"gproc {args.mode}", allow_abbrev=False, add_help=False)
+    add_switches(p, default=argparse.SUPPRESS)
+    vars(args).update(vars(p.parse_args(switches)))
+    return rest
 
 
 def _parse_exec(args: argparse.Namespace) -> None:
     """Switches may follow ``e``; then come the node spec and the command."""
-    switches, rest = split_switches(go_style(args.rest))
-    p = argparse.ArgumentParser(prog="gproc e", allow_abbrev=False, add_help=False)
-    add_switches(p, default=argparse.SUPPRESS)
-    vars(args).update(vars(p.parse_args(switches)))
+    rest = _trailing_switches(args, args.rest)
     if not rest:
         raise SystemExit(usage_error("e needs a node spec and a command"))
     if len(rest) < 2:

@@ -276,6 +276,11 @@ class Sender:
 
 
 def fetch_tree(uds: str) -> Tree:
+    return fetch_info(uds).tree
+
+
+def fetch_info(uds: str) -> TreeReply:
+    """The tree and the running jobs, as the master sees them."""
     conn = connect(uds)
     try:
         conn.send(Info())
@@ -286,7 +291,7 @@ def fetch_tree(uds: str) -> Tree:
         raise ClientError(reply.message)
     if type(reply) is not TreeReply:
         raise ClientError(f"the master did not answer the info request: {reply!r}")
-    return reply.tree
+    return reply
 
 
 def tree_rows(tree: Tree) -> list[tuple[str, str, str, int, str]]:
@@ -315,3 +320,16 @@ def format_tree(tree: Tree) -> str:
     up = sum(1 for r in rows[1:] if r[4] == "up")
     lines.append(f"{len(rows) - 1} nodes below {tree['name']}: {up} up, {len(rows) - 1 - up} lost")
     return "\n".join(lines)
+
+
+def format_jobs(jobs: list[list[object]]) -> str:
+    """The running jobs as a table (who runs what, where, for how long)."""
+    if not jobs:
+        return "no jobs running"
+    table = [("JOB", "USER", "PROGRAM", "NODES", "SECONDS")]
+    table += [(str(j), str(u), str(p), str(s) or "-", str(t)) for j, u, p, s, t in jobs]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in table
+    )

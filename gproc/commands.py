@@ -131,9 +131,10 @@ def do_exec(args: argparse.Namespace) -> int:
 
 
 def do_info(args: argparse.Namespace) -> int:
-    from gproc.client import fetch_tree, format_tree
+    from gproc.client import fetch_info, format_jobs, format_tree
 
-    print(format_tree(fetch_tree(args.defaultMasterUDS)))
+    info = fetch_info(args.defaultMasterUDS)
+    print(format_jobs(info.jobs) if args.jobs else format_tree(info.tree))
     return 0
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 
 from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, check_manifest
@@ -80,6 +81,15 @@ class Master:
             "state": "up",
             "children": self.hop.subtrees(),
         }
+
+    def jobs(self) -> list[list[object]]:
+        """The running jobs, oldest first: id, user, program name, spec, seconds running."""
+        now = time.monotonic()
+        return [
+            [j.jid, j.header.user, os.path.basename(j.header.argv[0]), j.header.spec,
+             int(now - j.started)]
+            for j in sorted(self.hop.jobs.values(), key=lambda j: j.started)
+        ]  # fmt: skip
 
     async def start(self) -> None:
         await self.hop.serve(*self.listen)
@@ -156,7 +166,7 @@ class Master:
                 return
             frame = await within(conn.recv(), CLIENT_HELLO_TIMEOUT)
             if type(frame) is Info:
-                await conn.send(TreeReply(self.tree()))
+                await conn.send(TreeReply(self.tree(), self.jobs()))
             elif type(frame) is JobHeader:
                 assert name is not None
                 stamped = dataclasses.replace(frame, user=name, uid=peer.uid, gid=peer.gid)

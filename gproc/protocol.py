@@ -393,10 +393,27 @@ class Info(Frame):
     """Client to master: send me the tree."""
 
 
-@_kind(21, tree)
+def job_rows(v: Any) -> list[list[Any]]:
+    """Running jobs as ``gproc i`` lists them: [job id, user, program, spec, seconds]."""
+    if type(v) is not list or len(v) > MAX_NODES:
+        raise _fail(f"not a list of at most {MAX_NODES} jobs")
+    for row in v:
+        if type(row) is not list or len(row) != 5:
+            raise _fail("a job row is not [job, user, program, spec, seconds]")
+        job_id(row[0])
+        for item in row[1:4]:
+            text(4096)(item)
+        uint()(row[4])
+    return v
+
+
+@_kind(21, tree, job_rows)
 @dataclass(slots=True)
 class TreeReply(Frame):
+    """Master to client: the whole tree, and the jobs running through it with their users."""
+
     tree: Tree
+    jobs: list[list[Any]] = field(default_factory=list)
 
 
 @_kind(22, texts(), texts())

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -169,6 +170,7 @@ class Job:
         self.hop = hop
         self.jid = jid
         self.header = header
+        self.started = time.monotonic()
         self.up = up
         self.local = local
         self.legs: dict[int, Leg] = {}

@@ -244,6 +244,11 @@ def test_a_user_cannot_read_or_kill_another_users_job(
         assert len(mine) == 1, f"b's staging directory: {list(stage.iterdir())}"
         assert mine[0].stat().st_mode & 0o777 == 0o700
 
+        jobs = as_user(a, place, *shared.switches(), "i", "-jobs")
+        assert jobs.returncode == 0, jobs.stderr
+        rows = [line.split() for line in jobs.stdout.splitlines()]
+        assert rows[0] == ["JOB", "USER", "PROGRAM", "NODES", "SECONDS"]
+        assert [r[1:4] for r in rows[1:]] == [[b.name, "sh", "1"]], "who runs what, where"
         look = as_user(a, place, *shared.switches(), "e", "1", "/bin/ls", str(mine[0]))
         assert look.returncode != 0
         assert "Permission denied" in look.stdout + look.stderr
