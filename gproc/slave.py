@@ -170,7 +170,8 @@ class NodeRun(LocalRunner):
                 "by root only root's jobs may use it; drop -p=false"
             )
         entries = check_manifest(h.manifest, h.total)
-        return Unpacker(Path(self.files_root), entries, self.jid, self.cache, root_mode=0o700)
+        mode = 0o700 if self.private else 0o755  # a job's own staging, or binRoot itself
+        return Unpacker(Path(self.files_root), entries, self.jid, self.cache, root_mode=mode)
 
     async def needs(self) -> frozenset[int]:
         assert self.prepared is not None

@@ -176,3 +176,23 @@ def test_down_and_status_follow_the_locale_of_the_last_up(tmp_path: Path) -> Non
         r = deploy(env, "down", "--cmdport", str(port))
     assert "stopped 5 daemons" in r.stdout
     assert daemons(port) == []
+
+
+def test_up_allow_all_opens_the_socket_to_every_user(tmp_path: Path) -> None:
+    """gproc-deploy up --allow passes it to the master; a bad value fails before any start."""
+    port = free_port_block(4)
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
+    common = ["--locale", "local", "--cmdport", str(port)]
+    where = ["--uds", str(tmp_path / "g"), "--bin-root", str(tmp_path / "xproc")]
+    bad = deploy(env, "up", "1", "4", *common, *where, "--allow", "everyone")
+    assert bad.returncode == 1 and "use owner, all or group:NAME" in bad.stderr, bad.stderr
+    assert daemons(port) == []
+    try:
+        r = deploy(env, "up", "1", "4", *common, *where, "--allow", "all")
+        assert r.returncode == 0, r.stderr
+        assert os.stat(tmp_path / "g").st_mode & 0o777 == 0o666
+    finally:
+        deploy(env, "down", *common)
+    assert daemons(port) == []
