@@ -17,7 +17,7 @@ from gproc import nodespec
 from gproc.errors import GprocError
 
 MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
-BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing", "jobs")
+BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing", "jobs", "n")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
 DESCRIPTION = """\
@@ -131,6 +131,32 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
     flag("skipMissing", "e: ship what can be found when a library is missing")
     flag("jobs", "i: list the running jobs (id, user, program, nodes, seconds) instead")
+    add(
+        "w",
+        "e: run on these nodes, by name, wherever they sit in the tree: ClusterShell node set "
+        "syntax, kn[1-20,45],kn60 (the node spec may then be left out)",
+        metavar="NODES",
+    )
+    add("x", "e: never run on these nodes (node set syntax, as -w)", metavar="NODES")
+    add(
+        "t",
+        "e: a node that has not started the program S seconds after the job reached it gives "
+        "up and is reported (timed out starting: ...); the job goes on elsewhere (exit 124)",
+        type=float,
+        metavar="S",
+    )
+    add(
+        "u",
+        "e: after S seconds the program is killed wherever it still runs; those nodes are "
+        "named (timed out: ...) and the exit status is 124, as timeout(1)'s",
+        type=float,
+        metavar="S",
+    )
+    flag(
+        "n",
+        "e: give the programs /dev/null as input; without it, gproc's input is sent to every "
+        "node's program when it is not a terminal",
+    )
 
 
 DEFAULTS = {
@@ -157,6 +183,11 @@ DEFAULTS = {
     "ldenv": False,
     "skipMissing": False,
     "jobs": False,
+    "w": "",
+    "x": "",
+    "t": 0.0,
+    "u": 0.0,
+    "n": False,
 }
 
 
@@ -241,17 +272,47 @@ def _trailing_switches(args: argparse.Namespace, tokens: list[str]) -> list[str]
 
 
 def _parse_exec(args: argparse.Namespace) -> None:
-    """Switches may follow ``e``; then come the node spec and the command."""
+    """Switches may follow ``e``; then come the node spec (optional with -w) and the command."""
     rest = _trailing_switches(args, args.rest)
+    args.only = node_set(args.w, "-w")
+    args.exclude = node_set(args.x, "-x")
+    if args.only and rest and not _is_spec(rest[0]):
+        rest = ["", *rest]  # -w names the nodes: no spec needed
     if not rest:
-        raise SystemExit(usage_error("e needs a node spec and a command"))
+        raise SystemExit(usage_error("e needs a node spec (or -w NODES) and a command"))
     if len(rest) < 2:
         raise SystemExit(usage_error("e needs a command after the node spec"))
     args.spec, args.command = rest[0], rest[1:]
+    if args.spec:
+        try:
+            nodespec.parse(args.spec)
+        except nodespec.SpecError as e:
+            raise SystemExit(usage_error(str(e))) from None
+    for name in ("t", "u"):
+        value = getattr(args, name)
+        if value < 0:
+            raise SystemExit(usage_error(f"-{name} takes seconds (0 or more), not {value}"))
+
+
+def _is_spec(token: str) -> bool:
+    """Whether a word after ``e -w NODES`` is a node spec rather than the command."""
     try:
-        nodespec.parse(args.spec)
-    except nodespec.SpecError as e:
-        raise SystemExit(usage_error(str(e))) from None
+        nodespec.parse(token)
+    except nodespec.SpecError:
+        return False
+    return True
+
+
+def node_set(text: str, switch: str) -> list[str]:
+    """Node names in ClusterShell's node set syntax (``kn[1-20,45],kn60``), expanded."""
+    if not text:
+        return []
+    from ClusterShell.NodeSet import NodeSet, NodeSetException
+
+    try:
+        return list(NodeSet(text))
+    except NodeSetException as e:
+        raise SystemExit(usage_error(f"{switch} {text!r}: not a node set ({e})")) from None
 
 
 def setup_logging(level: int) -> None:

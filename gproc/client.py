@@ -9,9 +9,13 @@ while already printing what comes back, and exits with the job's status.
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
@@ -26,17 +30,22 @@ from gproc.protocol import (
     Exit,
     Frame,
     Info,
+    Input,
     JobHeader,
+    Late,
     Lost,
     Need,
     Out,
     Plan,
     ProtocolError,
+    Signal,
     Tree,
     TreeReply,
     decode,
     frame_bytes,
 )
+
+INPUT_CHUNK = 64 << 10  # bytes of standard input per frame
 
 
 class ClientError(GprocError):
@@ -58,6 +67,11 @@ class ExecOptions:
     raw: bool = False
     fold: bool = False
     export: str = "ALL"
+    only: list[str] = field(default_factory=list)  # -w: run on these nodes (names)
+    exclude: list[str] = field(default_factory=list)  # -x: never on these
+    stdin: bool = False  # send our standard input to the programs (not a terminal, no -n)
+    start_timeout: float = 0.0  # -t
+    run_timeout: float = 0.0  # -u
 
 
 def exported_env(export: str, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -85,7 +99,8 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
     """The job header and the packed files, from the user's command line."""
     from gproc import elf
 
-    nodespec.parse(opts.spec)  # fail on a bad spec before any work
+    if opts.spec or not opts.only:
+        nodespec.parse(opts.spec)  # fail on a bad spec before any work
     packer = Packer()
     header = JobHeader(
         job="",
@@ -101,6 +116,11 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
         private=opts.private,
         manifest=[],
         total=0,
+        stdin=opts.stdin,
+        start_ms=round(opts.start_timeout * 1000),
+        run_ms=round(opts.run_timeout * 1000),
+        only=list(opts.only),
+        exclude=list(opts.exclude),
     )
     if not opts.localbin:
         prog = elf.find_program(opts.argv[0], opts.root)
@@ -148,9 +168,12 @@ class BlockingConn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.rfile = sock.makefile("rb")
+        self.sending = threading.Lock()  # file bytes and signals go out from two threads
 
     def send(self, frame: Frame) -> None:
-        self.sock.sendall(frame_bytes(frame))
+        data = frame_bytes(frame)
+        with self.sending:
+            self.sock.sendall(data)
 
     def recv(self) -> Frame | None:
         """The next frame, or None on a clean end of stream between frames."""
@@ -204,10 +227,11 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     header, manifest = build_job(opts)
     printer = printer or Printer(raw=opts.raw, folded=opts.fold)
     conn = connect(opts.uds)
-    sender = Sender(conn, manifest)
+    sender = Sender(conn, manifest, sys.stdin.buffer if opts.stdin else None)
     try:
         conn.send(header)
-        _follow(conn, printer, sender)
+        with Forwarder(conn):
+            _follow(conn, printer, sender)
     except BrokenPipeError:
         raise  # our own stdout closed (gproc e ... | head): not the master's doing
     except OSError as e:
@@ -215,6 +239,45 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     finally:
         conn.close()
     return printer.finish()
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Forwarder:
+    """While a job runs, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 sent to ``gproc e`` go to the
+    job's programs on every node (Ctrl-C, SIGINT, kills the job instead).
+
+    The handler only queues the signal; a thread sends it, so a signal arriving while this
+    thread is itself sending never waits on its own lock.
+    """
+
+    def __init__(self, conn: BlockingConn):
+        self.conn = conn
+        self.pending: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> Forwarder:
+        if threading.current_thread() is threading.main_thread():
+            for signum in FORWARDED:
+                self.saved[signum] = signal.signal(signum, self._queue)
+            threading.Thread(target=self._send, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self.pending.put(None)
+
+    def _queue(self, signum: int, frame: object) -> None:
+        self.pending.put(signum)
+
+    def _send(self) -> None:
+        while (signum := self.pending.get()) is not None:
+            try:
+                self.conn.send(Signal("", signum))
+            except OSError:
+                return
 
 
 def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
@@ -227,6 +290,8 @@ def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
             printer.exited(frame.node, frame.status)
         elif kind is Lost:
             printer.node_lost(frame.nodes, frame.reason)
+        elif kind is Late:
+            printer.timed_out(frame.nodes, frame.phase)
         elif kind is Plan:
             printer.planned = frame.nodes
             printer.unreachable = frame.unreachable
@@ -249,9 +314,10 @@ class Sender:
     reports :attr:`error`.
     """
 
-    def __init__(self, conn: BlockingConn, manifest: list[Entry]):
+    def __init__(self, conn: BlockingConn, manifest: list[Entry], stdin: BinaryIO | None = None):
         self.conn = conn
         self.manifest = manifest
+        self.stdin = stdin
         self.error: str | None = None
 
     def start(self, needed: list[int]) -> None:
@@ -261,11 +327,23 @@ class Sender:
         try:
             for index, chunk in chunks(self.manifest, needed):
                 self.conn.send(Data("", index, chunk))
+            if self.stdin is not None:
+                self._send_input(self.stdin)
         except BundleError as e:
             self._abort(str(e))
         except OSError as e:
             if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
                 self._abort(f"cannot read {e.filename or 'a shipped file'}: {e.strerror or e}")
+
+    def _send_input(self, stdin: BinaryIO) -> None:
+        """Our standard input, after the files, to every node's program; then its end.
+
+        The master forwards it as the job's window allows, so a fast producer waits here.
+        """
+        fd = stdin.fileno()
+        while data := os.read(fd, INPUT_CHUNK):
+            self.conn.send(Input("", data))
+        self.conn.send(Input("", b""))
 
     def _abort(self, why: str) -> None:
         self.error = f"{why}; the job was cancelled"

@@ -126,8 +126,24 @@ def do_exec(args: argparse.Namespace) -> int:
         raw=args.raw,
         fold=args.b,
         export=args.export,
+        only=args.only,
+        exclude=args.exclude,
+        stdin=not args.n and _piped_stdin(),
+        start_timeout=args.t,
+        run_timeout=args.u,
     )
     return run_exec(opts)
+
+
+def _piped_stdin() -> bool:
+    """Our standard input is there and is not a terminal: it goes to the programs."""
+    import os
+
+    try:
+        os.fstat(0)
+    except OSError:
+        return False
+    return not os.isatty(0)
 
 
 def do_info(args: argparse.Namespace) -> int:

@@ -29,10 +29,12 @@ from gproc.protocol import (
     Data,
     Error,
     Info,
+    Input,
     JobHeader,
     Need,
     Plan,
     ProtocolError,
+    Signal,
     Tree,
     TreeReply,
     VersionMismatch,
@@ -43,7 +45,7 @@ from gproc.stream import Conn, connection_handler, within
 
 log = logging.getLogger("gproc.master")
 
-Checked = tuple[nodespec.Spec, list[Entry], list[str], list[str]]
+Checked = tuple[JobHeader, nodespec.Spec, list[Entry], list[str], list[str]]
 
 CLIENT_HELLO_TIMEOUT = 30
 
@@ -187,7 +189,7 @@ class Master:
         checked = await self._check(conn, header)
         if checked is None:
             return
-        spec, entries, nodes, missing = checked
+        header, spec, entries, nodes, missing = checked
         await conn.send(Plan(nodes, missing))
         job = self.hop.new_job(header, conn, None)
         log.info("job %s: %s on %s as %s", job.jid, header.argv[0], header.spec, header.user)
@@ -214,19 +216,25 @@ class Master:
                 )
             )
             return None
+        trees = self.hop.subtrees()
+        named = bool(header.only or header.exclude)
+        if named and not header.spec:
+            header = dataclasses.replace(header, spec=covering(trees))
         try:
             spec = nodespec.parse(header.spec)
             entries = await asyncio.to_thread(check_manifest, header.manifest, header.total)
         except (nodespec.SpecError, BundleError) as e:
             await conn.send(Error(str(e)))
             return None
-        trees = self.hop.subtrees()
         nodes, missing = expand(spec, trees), unreachable(spec, trees, self.name)
+        if named:
+            header, nodes, missing = by_name(header, trees, nodes, missing)
         if not nodes:
-            message = f"node spec {header.spec!r} selects no live node (see 'gproc i' for the tree)"
+            what = f"node spec {header.spec!r}" + (" with -w/-x" if named else "")
+            message = f"{what} selects no live node (see 'gproc i' for the tree)"
             await conn.send(Error(message, missing))
             return None
-        return spec, entries, nodes, missing
+        return header, spec, entries, nodes, missing
 
     async def _stream(self, conn: Conn, job: Job, total: int) -> None:
         """Relay the client's file chunks (of the needed files) to the job's children."""
@@ -235,6 +243,9 @@ class Master:
             frame = await conn.recv()
             if frame is None:
                 raise ConnectionResetError("client closed before sending every file byte")
+            if type(frame) is Signal:
+                job.signal(frame.signum)
+                continue
             if type(frame) is not Data:
                 raise ProtocolError(f"expected file data, got a {type(frame).__name__} frame")
             received += len(frame.data)
@@ -243,15 +254,73 @@ class Master:
             await job.forward([(frame.index, frame.data)])
 
     async def _await_end(self, conn: Conn, job: Job) -> None:
-        """Wait for the job to end, or for the client to go away (which kills it)."""
+        """Relay the client's input and signals until the job ends; a client that goes away
+        (end of stream) leaves the job to be killed."""
         finished = asyncio.ensure_future(job.finished.wait())
-        gone = asyncio.ensure_future(conn.recv())
         try:
-            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+            while not finished.done():
+                incoming = asyncio.ensure_future(conn.recv())
+                await asyncio.wait({finished, incoming}, return_when=asyncio.FIRST_COMPLETED)
+                if not incoming.done():
+                    incoming.cancel()
+                    await asyncio.gather(incoming, return_exceptions=True)
+                    return
+                frame = incoming.result()
+                if frame is None:
+                    return
+                if type(frame) is Signal:
+                    job.signal(frame.signum)
+                elif type(frame) is Input and job.header.stdin:
+                    await job.forward_input(frame.data)
+                else:
+                    raise ProtocolError(f"unexpected {type(frame).__name__} frame from a client")
         finally:
-            for task in (finished, gone):
-                task.cancel()
-            await asyncio.gather(finished, gone, return_exceptions=True)
+            finished.cancel()
+            await asyncio.gather(finished, return_exceptions=True)
+
+
+def covering(trees: list[Tree]) -> str:
+    """The spec that reaches every node of the tree (``./.`` for two levels): with -w and no
+    spec, the job goes down every branch and only the named nodes run it."""
+
+    def depth(nodes: list[Tree]) -> int:
+        live = [t for t in nodes if t["state"] == "up"]
+        return 1 + max((depth(t["children"]) for t in live), default=0) if live else 0
+
+    return "/".join(["."] * max(depth(trees), 1))
+
+
+def names_in(trees: list[Tree]) -> dict[str, str]:
+    """Every node of the tree, live or lost, and its state."""
+    found: dict[str, str] = {}
+    stack = list(trees)
+    while stack:
+        tree = stack.pop()
+        found.setdefault(tree["name"], tree["state"])
+        stack.extend(tree["children"])
+    return found
+
+
+def by_name(
+    header: JobHeader, trees: list[Tree], nodes: list[str], missing: list[str]
+) -> tuple[JobHeader, list[str], list[str]]:
+    """-w/-x: of the nodes the spec selects, those named and not excluded run; the rest of
+    the way only relays. A name the tree does not know, or a named node that is lost, is
+    reported (unreachable), never quietly dropped."""
+    known = names_in(trees)
+    named, excluded = set(header.only), set(header.exclude)
+    strangers = sorted((named | excluded) - set(known))
+    wanted = named or set(nodes)
+    run = [n for n in nodes if n in wanted and n not in excluded]
+    if named:  # the names say what is missing, not the whole tree the spec walks
+        missing = [
+            f"{n} ({known[n]})" for n in sorted(named - excluded) if known.get(n, "up") != "up"
+        ]
+    else:
+        missing = [m for m in missing if m.split(" ", 1)[0] not in excluded]
+    if strangers:
+        missing.append(f"{nodespec.fold(strangers)} (not in the tree)")
+    return dataclasses.replace(header, only=run, exclude=[]), run, missing
 
 
 def _answers(path: str) -> bool:

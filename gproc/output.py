@@ -28,6 +28,7 @@ from typing import BinaryIO
 from gproc.nodespec import fold
 
 EXIT_LOST = 255
+EXIT_TIMEOUT = 124  # a node timed out (-t, -u), as timeout(1) exits
 
 # Longest piece of one line printed under one label; longer lines continue under "node+: ".
 MAX_LINE = 1 << 20
@@ -61,6 +62,7 @@ class Printer:
         self.lost: dict[str, str] = {}
         self.unreachable: list[str] = []
         self.planned: list[str] = []
+        self.late: dict[str, str] = {}  # node -> "start" (-t) or "run" (-u)
 
     # ------------------------------------------------------------ as frames arrive
 
@@ -122,6 +124,10 @@ class Printer:
             self._flush_node(node)
             self.lost.setdefault(node, reason)
 
+    def timed_out(self, nodes: list[str], phase: str) -> None:
+        for node in nodes:
+            self.late.setdefault(node, phase)
+
     def _flush_node(self, node: str) -> None:
         """Print what a node left without a final newline, as a line of its own."""
         for fd in (1, 2):
@@ -147,6 +153,8 @@ class Printer:
         worst = max(self.status.values(), default=0)
         if self.lost or self.unreachable:
             return EXIT_LOST
+        if self.late:
+            return EXIT_TIMEOUT
         return worst
 
     def _print_folded(self) -> None:
@@ -166,9 +174,18 @@ class Printer:
         for node, status in self.status.items():
             if status:
                 by_status[status].append(node)
+        for node in self.late:
+            if by_status.get(EXIT_TIMEOUT) and node in by_status[EXIT_TIMEOUT]:
+                by_status[EXIT_TIMEOUT].remove(node)  # said below, as timed out
         lines = [
-            f"gproc: exit status {s} on {fold(nodes)}" for s, nodes in sorted(by_status.items())
+            f"gproc: exit status {s} on {fold(nodes)}"
+            for s, nodes in sorted(by_status.items())
+            if nodes
         ]
+        for phase, what in (("start", "timed out starting"), ("run", "timed out")):
+            late = [n for n, p in self.late.items() if p == phase]
+            if late:
+                lines.append(f"gproc: {what}: {fold(late)}")
         by_reason: dict[str, list[str]] = defaultdict(list)
         for node, reason in self.lost.items():
             by_reason[reason].append(node)

@@ -39,6 +39,7 @@ MAX_TREE_DEPTH = 16
 MAX_NODES = 1 << 16  # nodes in a tree, names in a plan
 MAX_TEXT = 1 << 16  # any one string but env values and argv items
 MAX_ARG = 1 << 20  # one argv item or env value
+MAX_MS = 1 << 40  # a timeout in milliseconds: about 35 years
 MAX_ID = (1 << 32) - 2  # a uid or gid ((uid_t)-1 means "unchanged" to the kernel)
 
 Tree = dict[str, Any]  # {"id": int, "name": str, "addr": str, "state": str, "children": [...]}
@@ -291,6 +292,11 @@ class JobHeader(Frame):
     user: str = ""
     uid: int = 0
     gid: int = 0
+    stdin: bool = False  # the client sends its standard input (Input frames) after the files
+    start_ms: int = 0  # -t: a node that has not started the program by then gives up (0: no)
+    run_ms: int = 0  # -u: the program is killed where it still runs by then (0: no limit)
+    only: list[str] = field(default_factory=list)  # -w/-x: the names that run (empty: all)
+    exclude: list[str] = field(default_factory=list)  # -x, client to master only
 
 
 def _job_id_or_empty(v: Any) -> str:
@@ -315,6 +321,11 @@ _kind(
     text(256),
     uint(MAX_ID),
     uint(MAX_ID),
+    flag,
+    uint(MAX_MS),
+    uint(MAX_MS),
+    texts(MAX_NODES, 256),
+    texts(MAX_NODES, 256),
 )(JobHeader)
 
 
@@ -385,6 +396,54 @@ class Credit(Frame):
 
     job: str
     size: int
+
+
+@_kind(19, _job_id_or_empty, blob(CHUNK))
+@dataclass(slots=True)
+class Input(Frame):
+    """The client's standard input for the job's programs, down the tree under the job's
+    file window; empty ``data`` is the end of input."""
+
+    job: str
+    data: bytes
+
+
+# Signals a client may pass to its job's programs (Ctrl-C kills the job instead).
+SIGNALS = frozenset({1, 10, 12, 15})  # SIGHUP, SIGUSR1, SIGUSR2, SIGTERM
+
+
+def signal_number(v: Any) -> int:
+    if type(v) is not int or v not in SIGNALS:
+        raise _fail(f"not a signal a job may be sent ({sorted(SIGNALS)})")
+    return v
+
+
+@_kind(24, _job_id_or_empty, signal_number)
+@dataclass(slots=True)
+class Signal(Frame):
+    """Deliver ``signum`` to the job's programs on every node below."""
+
+    job: str
+    signum: int
+
+
+PHASES = ("start", "run")
+
+
+def phase(v: Any) -> str:
+    if v not in PHASES:
+        raise _fail(f"not one of {PHASES}")
+    return v
+
+
+@_kind(25, job_id, texts(), phase)
+@dataclass(slots=True)
+class Late(Frame):
+    """Nodes that timed out: "start" (-t: never started the program) or "run" (-u: killed)."""
+
+    job: str
+    nodes: list[str]
+    phase: str
 
 
 @_kind(20)

@@ -62,6 +62,7 @@ class Launch:
     cwd: str
     bind: tuple[str, str] | None = None  # (staging dir, binRoot) for a private mount
     user: RunAs | None = None  # drop to this user after the mount (the daemon is root)
+    stdin: bool = False  # a pipe for the client's standard input, else /dev/null
 
 
 def _check(ret: int, what: str) -> None:
@@ -114,7 +115,7 @@ async def start(launch: Launch) -> asyncio.subprocess.Process:
     try:
         return await asyncio.create_subprocess_exec(
             *launch.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=launch.env,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -31,14 +32,17 @@ from gproc.protocol import (
     Done,
     Exit,
     Frame,
+    Input,
     JobHeader,
     Kill,
+    Late,
     Need,
     Out,
     Ping,
     ProtocolError,
     Refused,
     Register,
+    Signal,
     Subtree,
     Welcome,
 )
@@ -51,6 +55,8 @@ log = logging.getLogger("gproc.slave")
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 EXIT_KILLED = 128 + 9
+EXIT_TIMEOUT = 124  # as timeout(1)
+STDIN = -1  # the queue index of the client's standard input (files have 0, 1, ...)
 RETRY_SECONDS = 0.5
 
 
@@ -137,11 +143,61 @@ class NodeRun(LocalRunner):
         self.needed: frozenset[int] = frozenset()
         self.writing: asyncio.Future[None] | None = None
         self.user: users.RunAs | None = None
+        self.late: str | None = None  # "start" (-t) or "run" (-u) once a deadline has passed
+        self.timers: list[asyncio.TimerHandle] = []
+        self.launched = asyncio.Event()  # the program started, or never will
+        self.stdin_open = header.stdin
 
     def attach(self, job: Job) -> None:
-        """Start preparing the files (in a thread); launch once nothing more is needed."""
+        """Start preparing the files (in a thread); launch once nothing more is needed.
+
+        The job's deadlines (-t, -u) count from now, when the header reached this node.
+        """
         self.job = job
-        self.prepared = asyncio.get_running_loop().create_task(self._prepare())
+        loop = asyncio.get_running_loop()
+        self.prepared = loop.create_task(self._prepare())
+        for ms, phase in ((self.header.start_ms, "start"), (self.header.run_ms, "run")):
+            if ms:
+                self.timers.append(loop.call_later(ms / 1000, self._deadline, phase))
+
+    def _deadline(self, phase: str) -> None:
+        """-t: give up if the program has not started; -u: kill it where it still runs."""
+        if self.done or self.killed or self.late is not None:
+            return
+        if phase == "start" and self.task is not None:
+            return  # started (or being started) in time
+        self.late = phase
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                sandbox.kill_group(self.proc)  # _run reports the timeout
+        elif self.task is None:
+            self._launch()  # not started: _run gives up and reports it
+
+    def signal(self, signum: int) -> None:
+        """A signal the client passed on (SIGTERM, SIGHUP, SIGUSR1, SIGUSR2)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signum)
+
+    async def write_input(self, data: bytes) -> None:
+        """The client's standard input, once the program runs; empty ``data`` closes it.
+
+        A program that stops reading holds its job's input here (and so, by the window, at
+        the parent); one that exits or closes its input drops the rest, as a pipe does.
+        """
+        await self.launched.wait()
+        stdin = self.proc.stdin if self.proc is not None else None
+        if stdin is None or not self.stdin_open:
+            return
+        try:
+            if data:
+                stdin.write(data)
+                await stdin.drain()
+            else:
+                self.stdin_open = False
+                stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            self.stdin_open = False
 
     async def _prepare(self) -> frozenset[int]:
         if not self.error:
@@ -213,17 +269,38 @@ class NodeRun(LocalRunner):
 
     async def _run(self) -> None:
         try:
-            status = (
-                await self._execute()
-                if not self.error
-                else await self._fail(self.error, EXIT_CANNOT_RUN)
-            )
+            if self.late is not None:
+                status = await self._give_up()
+            elif self.error:
+                status = await self._fail(self.error, EXIT_CANNOT_RUN)
+            else:
+                status = await self._execute()
+            if self.late is not None:
+                status = EXIT_TIMEOUT
+                self._up(Late(self.jid, [self.node.name], self.late))
             self._up(Exit(self.jid, self.node.name, status))
         finally:
+            self._stop_timers()
             await self._cleanup()
             self.done = True
             if self.job is not None:
                 self.job.maybe_finish()
+
+    async def _give_up(self) -> int:
+        """A deadline passed before the program started: stop unpacking, say so."""
+        for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
+            if step is not None and not step.done():
+                await asyncio.gather(step, return_exceptions=True)
+        limit = self.header.start_ms if self.late == "start" else self.header.run_ms
+        switch = "-t" if self.late == "start" else "-u"
+        why = f"the program had not started {limit / 1000:g}s after the job arrived ({switch})"
+        return await self._fail(why, EXIT_TIMEOUT)
+
+    def _stop_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = []
+        self.launched.set()
 
     async def _execute(self) -> int:
         root = self.node.bin_root
@@ -236,6 +313,7 @@ class NodeRun(LocalRunner):
             cwd=root + self.header.cwd,
             bind=(self.files_root, root) if self.private else None,
             user=user if user.switches else None,
+            stdin=self.header.stdin,
         )
         if self.private and user.switches:
             await asyncio.to_thread(users.give_tree, self.files_root, user)
@@ -251,7 +329,8 @@ class NodeRun(LocalRunner):
             code = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_RUN
             why = getattr(e, "strerror", None) or e
             return await self._fail(f"cannot start {launch.argv[0]}: {why}", code)
-        if self.killed:  # the kill came while the program was being started
+        self.launched.set()
+        if self.killed or self.late is not None:  # killed, or timed out, while it started
             sandbox.kill_group(self.proc)
         pumps = asyncio.gather(self._pump(self.proc.stdout, 1), self._pump(self.proc.stderr, 2))
         try:
@@ -301,6 +380,7 @@ class NodeRun(LocalRunner):
 
     async def kill(self) -> None:
         self.killed = True
+        self._stop_timers()
         if self.proc is not None:
             sandbox.kill_group(self.proc)
         for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
@@ -320,7 +400,7 @@ class Inflow:
     """A job's file chunks arriving from the parent: queued within the window granted, then
     written here (in a thread) and forwarded below, and credited back to the parent."""
 
-    def __init__(self, job: Job, run: NodeRun, parent: Conn):
+    def __init__(self, job: Job, run: NodeRun | None, parent: Conn):
         self.job = job
         self.run = run
         self.parent = parent
@@ -329,12 +409,14 @@ class Inflow:
         self.arrived = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
-    def accept(self, frame: Data) -> None:
+    def accept(self, frame: Data | Input) -> None:
         """Called by the parent loop: never waits; a parent that overruns the window is cut."""
         self.held += charge(len(frame.data))
         if self.held > DOWN_WINDOW + charge(len(frame.data)):
             raise ProtocolError(f"the parent overran job {self.job.jid}'s file window")
-        self.queue.append((frame.index, frame.data))
+        if type(frame) is Input and not self.job.header.stdin:
+            raise ProtocolError(f"input for job {self.job.jid}, which takes none")
+        self.queue.append((frame.index if type(frame) is Data else STDIN, frame.data))
         self.arrived.set()
 
     async def _pump(self) -> None:
@@ -345,15 +427,43 @@ class Inflow:
                 continue
             batch = list(self.queue)
             self.queue.clear()
-            local = asyncio.ensure_future(self.run.feed(batch))
-            try:
-                await self.job.forward(batch)
-            finally:
-                await asyncio.gather(local, return_exceptions=True)  # never left unretrieved
+            for part in _runs(batch):
+                if part[0][0] == STDIN:
+                    await self._both(self.job.forward_input(part[0][1]), self._input(part[0][1]))
+                else:
+                    await self._both(self.job.forward(part), self._files(part))
             size = sum(charge(len(data)) for _, data in batch)
             self.held -= size
             self.parent.send_nowait(Credit(self.job.jid, size))
             await asyncio.sleep(0)  # one batch at a time: pings and other jobs go between
+
+    async def _files(self, chunks: list[tuple[int, bytes]]) -> None:
+        if self.run is not None:
+            await self.run.feed(chunks)
+
+    async def _input(self, data: bytes) -> None:
+        if self.run is not None:
+            await self.run.write_input(data)
+
+    @staticmethod
+    async def _both(below: Coroutine[Any, Any, None], here: Coroutine[Any, Any, None]) -> None:
+        """Forward below while writing here; both are done (and retrieved) before credit."""
+        local = asyncio.ensure_future(here)
+        try:
+            await below
+        finally:
+            await asyncio.gather(local, return_exceptions=True)
+
+
+def _runs(batch: list[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+    """The batch cut where file chunks and input alternate; each input chunk on its own."""
+    runs: list[list[tuple[int, bytes]]] = []
+    for item in batch:
+        if item[0] == STDIN or not runs or runs[-1][0][0] == STDIN:
+            runs.append([item])
+        else:
+            runs[-1].append(item)
+    return runs
 
 
 # ---------------------------------------------------------------- the daemon
@@ -472,10 +582,14 @@ class Slave:
                     log.warning("%s: ignored a repeated job id %s", self.node.name, frame.job)
                 else:
                     await self._start(frame, conn)
-            elif kind is Data:
+            elif kind is Data or kind is Input:
                 inflow = self.inflows.get(frame.job)
                 if inflow is not None:
                     inflow.accept(frame)
+            elif kind is Signal:
+                job = self.hop.jobs.get(frame.job)
+                if job is not None:
+                    job.signal(frame.signum)
             elif kind is Credit:
                 job = self.hop.jobs.get(frame.job)
                 if job is not None and job.up_window is not None:
@@ -508,9 +622,11 @@ class Slave:
             spec = nodespec.parse(header.spec) if header.spec else ()
         except nodespec.SpecError as e:
             spec, problem = (), f"bad job header: {e}"
-        run = NodeRun(self.node, header, problem, self.cache)
+        runs_here = not header.only or self.node.name in header.only  # else: relay only
+        run = NodeRun(self.node, header, problem, self.cache) if runs_here else None
         job = self.hop.new_job(header, conn, run, header.job, Window(UP_WINDOW))
-        run.attach(job)
+        if run is not None:
+            run.attach(job)
         inflow = self.inflows[job.jid] = Inflow(job, run, conn)
         await job.open(spec)
         self._spawn(self._report_needs(job, conn))

@@ -71,6 +71,8 @@ class Tree:
 
     def gproc(self, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run ``gproc`` against this tree; switches before the mode are added."""
+        if "input" not in kw:
+            kw.setdefault("stdin", subprocess.DEVNULL)  # no input unless the test gives it
         return subprocess.run(
             [sys.executable, "-m", "gproc", *self.switches(), *args],
             capture_output=True,
@@ -81,6 +83,7 @@ class Tree:
         )
 
     def popen(self, *args: str, **kw) -> subprocess.Popen:
+        kw.setdefault("stdin", subprocess.DEVNULL)
         return subprocess.Popen(
             [sys.executable, "-m", "gproc", *self.switches(), *args],
             stdout=subprocess.PIPE,
