@@ -82,6 +82,9 @@ class Tree:
             **kw,
         )
 
+    def gproc_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "gproc", *self.switches(), *args]
+
     def popen(self, *args: str, **kw) -> subprocess.Popen:
         kw.setdefault("stdin", subprocess.DEVNULL)
         return subprocess.Popen(
