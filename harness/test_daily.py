@@ -39,8 +39,8 @@ def test_u_kills_every_node_still_running(cluster):
 
 
 SIGNAL_SCRIPT = """
-gproc e ./. /bin/sh -c 'trap "echo got TERM; exit 3" TERM; echo ready; while :; do sleep 0.05; done' \
-    > /tmp/sig.out 2> /tmp/sig.err &
+program='trap "echo got TERM; exit 3" TERM; echo ready; while :; do sleep 0.05; done'
+gproc e ./. /bin/sh -c "$program" > /tmp/sig.out 2> /tmp/sig.err &
 job=$!
 tries=0
 until [ "$(grep -c ': ready$' /tmp/sig.out)" -ge 80 ]; do
