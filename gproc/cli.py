@@ -30,8 +30,11 @@ modes:
                          on the Unix socket -defaultMasterUDS
   s                      slave, on every node: registers with its parent (from -locale),
                          runs jobs, serves its own children
-  e NODES CMD [ARGS...]  exec: run CMD on the nodes NODES selects; exits with the largest
-                         exit status (128+signal), 255 when a node was lost or unreachable
+  e NODES CMD [ARGS...]  exec: run CMD on the nodes NODES selects (or -w names); exits with
+                         the largest exit status (128+signal), 124 when a node timed out
+                         (-t, -u), 255 when a node was lost or unreachable; gproc's input,
+                         unless a terminal (or -n), goes to every program; SIGTERM, SIGHUP,
+                         SIGUSR1 and SIGUSR2 reach every program
   i                      info: the whole tree, every node's id path, name, address, level
                          and state; with -jobs, the running jobs and their users
   k                      key: create the cluster key (-key) if there is none
