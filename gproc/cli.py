@@ -16,7 +16,15 @@ import sys
 from gproc import nodespec
 from gproc.errors import GprocError
 
-MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
+MODES = {
+    "m": "master",
+    "s": "slave",
+    "e": "exec",
+    "i": "info",
+    "k": "key",
+    "cp": "copy",
+    "rcp": "rcopy",
+}
 BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing", "jobs", "n")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
@@ -38,6 +46,11 @@ modes:
   i                      info: the whole tree, every node's id path, name, address, level
                          and state; with -jobs, the running jobs and their users
   k                      key: create the cluster key (-key) if there is none
+  cp NODES SRC... DEST   copy files or directories to DEST on every selected node, through
+                         the tree, as you, each file under a temporary name then renamed,
+                         modes kept; into DEST when it is a directory (or ends in /)
+  rcp NODES SRC DEST     gather SRC (an absolute path) from every selected node into the
+                         local directory DEST, as DEST/NAME.NODE
 
 node specs:  1-80   nodes 1 to 80 of the first level     .    every first-level node
              1/.    node 1 and all its children           ./.  every node of a 2-level tree
@@ -199,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gproc",
         description=DESCRIPTION,
         allow_abbrev=False,
-        usage="gproc [switches] m | s | e NODES CMD [ARGS...] | i | k",
+        usage="gproc [switches] m | s | e NODES CMD [ARGS...] | i | k | cp NODES SRC... DEST "
+        "| rcp NODES SRC DEST",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_switches(p)
@@ -251,11 +265,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.rest = rest[1:]
     mode = MODES.get(args.mode) or (args.mode if args.mode in MODES.values() else None)
     if mode is None:
-        raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i or k"))
+        raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i, k, cp or rcp"))
     args.mode = mode
     if args.heartbeat <= 0:
         raise SystemExit(usage_error(f"-heartbeat must be positive, not {args.heartbeat}"))
-    if mode == "exec":
+    if mode in ("exec", "copy", "rcopy"):
         _parse_exec(args)
     else:
         rest = _trailing_switches(args, args.rest)
@@ -281,10 +295,12 @@ def _parse_exec(args: argparse.Namespace) -> None:
     args.exclude = node_set(args.x, "-x")
     if args.only and rest and not _is_spec(rest[0]):
         rest = ["", *rest]  # -w names the nodes: no spec needed
+    what = {"exec": "a command", "copy": "SRC... DEST", "rcopy": "SRC DEST"}[args.mode]
     if not rest:
-        raise SystemExit(usage_error("e needs a node spec (or -w NODES) and a command"))
-    if len(rest) < 2:
-        raise SystemExit(usage_error("e needs a command after the node spec"))
+        raise SystemExit(usage_error(f"{args.mode} needs a node spec (or -w NODES) and {what}"))
+    least, most = {"exec": (2, None), "copy": (3, None), "rcopy": (3, 3)}[args.mode]
+    if len(rest) < least or (most is not None and len(rest) > most):
+        raise SystemExit(usage_error(f"{args.mode} needs {what} after the node spec"))
     args.spec, args.command = rest[0], rest[1:]
     if args.spec:
         try:

@@ -72,6 +72,7 @@ class ExecOptions:
     stdin: bool = False  # send our standard input to the programs (not a terminal, no -n)
     start_timeout: float = 0.0  # -t
     run_timeout: float = 0.0  # -u
+    copy: bool = False  # gproc cp: argv is DEST SOURCE..., the sources are shipped
 
 
 def exported_env(export: str, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -122,7 +123,11 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
         only=list(opts.only),
         exclude=list(opts.exclude),
     )
-    if not opts.localbin:
+    if opts.copy:
+        header.mode = "copy"
+        for source in opts.argv[1:]:
+            packer.add_host_path(source)
+    elif not opts.localbin:
         prog = elf.find_program(opts.argv[0], opts.root)
         header.prog = prog
         if elf.is_elf(elf.resolve_in_root(opts.root, prog)):

@@ -110,9 +110,42 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 
 
 def do_exec(args: argparse.Namespace) -> int:
-    from gproc.client import ExecOptions, run_exec
+    from gproc.client import run_exec
 
-    opts = ExecOptions(
+    return run_exec(exec_options(args))
+
+
+def do_copy(args: argparse.Namespace) -> int:
+    """gproc cp NODES SRC... DEST: the sources, shipped, placed by each node as the user."""
+    from gproc.client import run_exec
+    from gproc.copying import check_sources
+
+    *sources, dest = args.command
+    opts = exec_options(args, stdin=False)
+    opts.argv, opts.copy, opts.private = [dest, *check_sources(sources)], True, True
+    return run_exec(opts)
+
+
+def do_rcopy(args: argparse.Namespace) -> int:
+    """gproc rcp NODES SRC DEST: SRC from every node into DEST/NAME.NODE here."""
+    import os
+
+    from gproc.client import run_exec
+    from gproc.copying import CopyError, Gatherer, rcp_argv
+
+    source, dest = args.command
+    if not os.path.isdir(dest):
+        raise CopyError(f"gproc rcp: {dest} is not a directory here: make it first")
+    opts = exec_options(args, stdin=False)
+    opts.argv, opts.localbin, opts.private = rcp_argv(source), True, True
+    return run_exec(opts, Gatherer(source, dest))
+
+
+def exec_options(args: argparse.Namespace, stdin: bool | None = None):  # noqa: ANN201
+    """The job a command line asks for (gproc e, and cp and rcp, which are jobs too)."""
+    from gproc.client import ExecOptions
+
+    return ExecOptions(
         spec=args.spec,
         argv=args.command,
         uds=args.defaultMasterUDS,
@@ -128,11 +161,10 @@ def do_exec(args: argparse.Namespace) -> int:
         export=args.export,
         only=args.only,
         exclude=args.exclude,
-        stdin=not args.n and _piped_stdin(),
+        stdin=(not args.n and _piped_stdin()) if stdin is None else stdin,
         start_timeout=args.t,
         run_timeout=args.u,
     )
-    return run_exec(opts)
 
 
 def _piped_stdin() -> bool:
@@ -164,4 +196,12 @@ def do_key(args: argparse.Namespace) -> int:
     return 0
 
 
-MODES = {"master": do_master, "slave": do_slave, "exec": do_exec, "info": do_info, "key": do_key}
+MODES = {
+    "master": do_master,
+    "slave": do_slave,
+    "exec": do_exec,
+    "info": do_info,
+    "key": do_key,
+    "copy": do_copy,
+    "rcopy": do_rcopy,
+}

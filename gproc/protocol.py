@@ -45,7 +45,7 @@ MAX_ID = (1 << 32) - 2  # a uid or gid ((uid_t)-1 means "unchanged" to the kerne
 Tree = dict[str, Any]  # {"id": int, "name": str, "addr": str, "state": str, "children": [...]}
 
 JOB_ID = re.compile(r"[0-9a-f]{1,32}")
-MODES = ("loader", "env", "local", "direct")
+MODES = ("loader", "env", "local", "direct", "copy")  # copy: gproc cp (argv: DEST SOURCE...)
 
 
 class ProtocolError(GprocError):
@@ -506,8 +506,10 @@ def check_job(header: JobHeader) -> None:
         raise bad("argv is empty")
     if header.mode not in MODES:
         raise bad(f"unknown mode {header.mode!r}")
-    if header.mode != "local" and not header.prog:
+    if header.mode not in ("local", "copy") and not header.prog:
         raise bad("no program to run (field prog)")
+    if header.mode == "copy" and (len(header.argv) < 2 or not header.private):
+        raise bad("a copy names a destination and sources, and is staged (private)")
     for name in ("prog", "interp", "cwd"):
         value = getattr(header, name)
         if (value or name == "cwd") and (

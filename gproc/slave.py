@@ -15,13 +15,14 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gproc import nodespec, sandbox, users
+from gproc import copying, nodespec, sandbox, users
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -98,6 +99,12 @@ def program_argv(header: JobHeader, root: str) -> list[str]:
         extra = ["--argv0", argv[0]] if header.argv0 else []
         return [root + header.interp, "--library-path", dirs, *extra, prog, *argv[1:]]
     return [prog, *argv[1:]]
+
+
+def placement(stage: str, header: JobHeader) -> list[str]:
+    """gproc cp: this daemon's Python runs the placement program (gproc.copying) on the
+    staged sources; ``argv`` is the destination, then the sources' absolute paths."""
+    return [sys.executable, "-I", "-c", copying.PLACE, stage, *header.argv]
 
 
 def program_env(
@@ -307,11 +314,13 @@ class NodeRun(LocalRunner):
         os.makedirs(root, exist_ok=True)
         user = self.user
         assert user is not None  # resolved before anything was unpacked
+        copy = self.header.mode == "copy"  # gproc cp: place the staged files, as the user
+        argv = placement(self.files_root, self.header) if copy else program_argv(self.header, root)
         launch = sandbox.Launch(
-            argv=program_argv(self.header, root),
+            argv=argv,
             env=program_env(self.header, root, self.node.name, self.jid, user),
-            cwd=root + self.header.cwd,
-            bind=(self.files_root, root) if self.private else None,
+            cwd="/" if copy else root + self.header.cwd,
+            bind=(self.files_root, root) if self.private and not copy else None,
             user=user if user.switches else None,
             stdin=self.header.stdin,
         )

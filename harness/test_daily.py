@@ -63,3 +63,24 @@ def test_sigterm_to_gproc_reaches_every_program(cluster):
         node, _, text = line.partition(": ")
         got.setdefault(node, []).append(text)
     assert got == {n: ["ready", "got TERM"] for n in names(1, 80)}
+
+
+def test_cp_and_rcp_across_kane(cluster):
+    make = "mkdir -p /tmp/cpsrc/d && echo payload > /tmp/cpsrc/d/f && chmod 600 /tmp/cpsrc/d/f"
+    assert cluster.exec(["sh", "-c", make]).status == 0
+    try:
+        res = gproc(cluster, "cp", "./.", "/tmp/cpsrc/d", "/tmp/")
+        assert res.status == 0, res.err
+        assert set(by_node(res)) == names(1, 80)
+        seen = cluster.on_nodes(["stat", "-c", "%a %s", "/tmp/d/f"])
+        assert {n: r.out.strip() for n, r in seen.items()} == {n: "600 8" for n in names(1, 80)}
+
+        cluster.exec(["mkdir", "-p", "/tmp/gathered"])
+        res = gproc(cluster, "rcp", "./.", "/etc/hostname", "/tmp/gathered")
+        assert res.status == 0, res.err
+        listing = cluster.exec(["sh", "-c", "cd /tmp/gathered && grep -H . hostname.*"]).out
+        got = dict(line.split(":", 1) for line in listing.splitlines())
+        assert got == {f"hostname.{n}": n for n in names(1, 80)}, "each node's own file"
+    finally:
+        cluster.exec(["rm", "-rf", "/tmp/cpsrc", "/tmp/gathered"])
+        cluster.on_nodes(["rm", "-rf", "/tmp/d"])
