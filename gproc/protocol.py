@@ -508,8 +508,12 @@ def check_job(header: JobHeader) -> None:
         raise bad(f"unknown mode {header.mode!r}")
     if header.mode not in ("local", "copy") and not header.prog:
         raise bad("no program to run (field prog)")
-    if header.mode == "copy" and (len(header.argv) < 2 or not header.private):
-        raise bad("a copy names a destination and sources, and is staged (private)")
+    if header.mode == "copy":
+        if len(header.argv) < 2 or not header.private:
+            raise bad("a copy names a destination and sources, and is staged (private)")
+        for source in header.argv[1:]:
+            if not source.startswith("/") or "/../" in source + "/" or source == "/":
+                raise bad(f"copy source {source[:80]!r} is not a clean absolute path")
     for name in ("prog", "interp", "cwd"):
         value = getattr(header, name)
         if (value or name == "cwd") and (
