@@ -15,6 +15,8 @@ from pathlib import Path
 
 from gproc.errors import GprocError
 
+from .remote import SshOptions
+
 EPILOG = """\
 examples:
   gproc-deploy up 1 8 --locale local     master and slaves n1..n8 on this machine
@@ -23,8 +25,12 @@ examples:
   gproc-deploy status --locale kane      the tree, from the master
   gproc-deploy down --locale kane        stop everything up started
 
-exit status: 0 when every host is ok; 1 when any host is UNREACHABLE, FAILED or SKIPPED (or
-gproc-deploy itself failed); 2 for a usage error.
+Every host ends as ok (nothing to do), changed (what was done), failed, unreachable or
+skipped (not touched, and why), then a recap line counts them.
+
+exit status: 0 when every host is ok or changed; 1 when any host failed, is unreachable or
+was skipped (or gproc-deploy itself failed), and for status when a deployed host is not up
+in the tree; 2 for a usage error.
 """
 
 
@@ -106,6 +112,12 @@ def _ssh(s: argparse.ArgumentParser) -> None:
         help="trust and remember host keys not yet in known_hosts (default: refuse)",
     )
     g.add_argument("--known-hosts", default=None, help="default ~/.ssh/known_hosts")
+    g.add_argument(
+        "--lock-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for another gproc-deploy run of this tree (default 30)",
+    )
 
 
 def usage(message: str) -> int:
@@ -181,7 +193,6 @@ def run_ssh(args: argparse.Namespace) -> int:
     from gproc.keys import create_key, default_key_path
     from gproc.locales import LocaleOptions, load_locale
 
-    from .remote import SshOptions
     from .ssh import Settings, SshDeployer
 
     uds = args.uds or "/tmp/g"
@@ -192,10 +203,11 @@ def run_ssh(args: argparse.Namespace) -> int:
             raise GprocError(
                 "deploying over SSH needs Fabric: pip install 'gproc[deploy]'"
             ) from None
-    if args.command == "status":
-        print(format_tree(fetch_tree(uds)))
-        return 0
     state = ssh_state_dir(args.locale, args.cmdport)
+    if args.command == "status":
+        tree = fetch_tree(uds)
+        print(format_tree(tree))
+        return status_against_deployed(state, tree, args)
     key = args.key or str(default_key_path())
     opts = LocaleOptions(
         cmdport=args.cmdport,
@@ -235,21 +247,62 @@ def run_ssh(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         print(deployer.describe(hosts, args.command))
         return 0
-    if args.command == "up":
-        path, created = create_key(key)
-        if created:
-            print(f"created cluster key {path}")
-        remember_range(state, low, high)
-        ok = deployer.up(low, high)
-        if live := _tree_or_none(uds):
-            print(live)
-    elif args.command == "copy":
-        create_key(key)
-        deployer.copy(hosts)
-        ok = deployer.report(hosts)
-    else:
-        ok = deployer.down(hosts, master_too=whole)
+    from .lock import run_lock
+
+    check_up_front(settings.ssh)
+    with run_lock(state, args.lock_wait, print):
+        if args.command == "up":
+            path, created = create_key(key)
+            if created:
+                print(f"created cluster key {path}")
+            ok = deployer.up(low, high)
+            if ok:  # a failed up keeps what the last good one remembered
+                remember_range(state, low, high)
+            if live := _tree_or_none(uds):
+                print(live)
+        elif args.command == "copy":
+            create_key(key)
+            deployer.copy(hosts)
+            ok = deployer.report(hosts)
+        else:
+            ok = deployer.down(hosts, master_too=whole)
     return 0 if ok else 1
+
+
+def check_up_front(ssh: SshOptions) -> None:
+    """What every host would fail on alike is one error before any host is contacted."""
+    if ssh.identity and not os.access(ssh.identity, os.R_OK):
+        why = "does not exist" if not os.path.exists(ssh.identity) else "cannot be read"
+        raise GprocError(f"--identity {ssh.identity} {why}: give the private key file")
+    known = ssh.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+    if not ssh.accept_new_host_keys and not os.path.isfile(known):
+        raise GprocError(
+            f"no known_hosts file at {known}: every host key would be unknown; give "
+            "--known-hosts FILE, or --accept-new-host-keys to trust and remember them"
+        )
+
+
+def status_against_deployed(state: Path, tree: dict, args: argparse.Namespace) -> int:
+    """1, naming them, when hosts this front-end deployed are missing from the tree or lost."""
+    from gproc.client import tree_rows
+    from gproc.locales import LocaleOptions, load_locale
+    from gproc.nodespec import fold
+
+    try:
+        low, high = last_range(state)
+    except GprocError:
+        return 0  # nothing deployed from here to compare with
+    opts = LocaleOptions(cmdport=args.cmdport, bin_root=args.bin_root or "/tmp/xproc")
+    wanted = [h.name for h in load_locale(args.locale, opts).hosts(low, high)]
+    seen = {name: st for _, name, _, _, st in tree_rows(tree)[1:]}
+    missing = [n for n in wanted if n not in seen]
+    lost = [n for n in wanted if seen.get(n) not in (None, "up")]
+    if not missing and not lost:
+        return 0
+    parts = [f"missing: {fold(missing)}"] if missing else []
+    parts += [f"lost: {fold(lost)}"] if lost else []
+    print(f"gproc-deploy: deployed hosts not up in the tree: {'; '.join(parts)}", file=sys.stderr)
+    return 1
 
 
 def _tree_or_none(uds: str) -> str | None:
@@ -267,7 +320,13 @@ def ssh_state_dir(locale: str, cmdport: int) -> Path:
 
 
 def remember_range(state: Path, low: int, high: int) -> None:
+    """What this front-end has deployed, widened by every good up: plain down covers it."""
     state.mkdir(parents=True, exist_ok=True)
+    try:
+        before = last_range(state)
+        low, high = min(low, before[0]), max(high, before[1])
+    except GprocError:
+        pass
     (state / "deploy.json").write_text(json.dumps({"low": low, "high": high}))
 
 

@@ -4,8 +4,10 @@ What the original's copytokane.sh and startkane did: build the artifact (a zipap
 only python3), copy it and the cluster key to the nodes (skipping nodes that already hold the
 same hash), start the master here on the front-end, then start the first tree level (on KANE
 the rack masters), wait until they have registered with the master, then the next level.
-Every host ends as ok, UNREACHABLE, FAILED (with the reason) or SKIPPED (its parent failed),
-and a daemon that already runs the same artifact is left alone.
+Every host ends as ok (nothing to do), changed (what), failed (with the reason), unreachable
+or skipped (not touched, and why), then a recap counts them; a daemon that already runs the
+same artifact is left alone, and a daemon is stopped only if it is the one gproc-deploy
+started (its pid and start time, from the pid file the daemon writes itself).
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from .artifact import build_zipapp
 from .daemons import LocalDaemons, live_nodes, orphans, wait_registered
 from .remote import Failed, Remote, SshOptions, Unreachable
 
-OK, UNREACHABLE, FAILED, SKIPPED = "ok", "UNREACHABLE", "FAILED", "SKIPPED"
+# What a host ends as, as Ansible's recap says it: nothing to do, changed (and what), failed
+# (reached, a step failed), unreachable (SSH), skipped (not touched, and why).
+OK, CHANGED, FAILED, UNREACHABLE, SKIPPED = "ok", "changed", "failed", "unreachable", "skipped"
+STATES = (OK, CHANGED, FAILED, UNREACHABLE, SKIPPED)
+GOOD = frozenset({OK, CHANGED})
 
 Say = Callable[[str], None]
 
@@ -36,6 +42,14 @@ Say = Callable[[str], None]
 class Result:
     state: str = OK
     detail: str = ""
+
+    def then(self, later: Result) -> Result:
+        """This host's result after a later phase: a failure stays; changes add up."""
+        if self.state not in GOOD or later.state not in GOOD:
+            return self if self.state not in GOOD else later
+        if self.state == CHANGED and later.state == CHANGED:
+            return Result(CHANGED, f"{self.detail}; {later.detail}")
+        return self if self.state == CHANGED else later
 
 
 @dataclass
@@ -130,7 +144,9 @@ class SshDeployer:
 
     # ------------------------------------------------------------ phases
 
-    def each(self, phase: str, hosts: Iterable[Host], work: Callable[[Remote, Host], str]) -> None:
+    def each(
+        self, phase: str, hosts: Iterable[Host], work: Callable[[Remote, Host], Result]
+    ) -> None:
         """Run ``work`` on every host over a bounded pool of SSH connections."""
         hosts = list(hosts)
         if not hosts:
@@ -141,12 +157,14 @@ class SshDeployer:
             t = time.monotonic()
             try:
                 with Remote(host.name, host.address, self.s.ssh) as remote:
-                    result = Result(OK, work(remote, host))
+                    result = work(remote, host)
             except Unreachable as e:
                 result = Result(UNREACHABLE, str(e))
             except Failed as e:
                 result = Result(FAILED, str(e))
-            self.results[host.name] = result
+            with self.lock:
+                before = self.results.get(host.name)
+                self.results[host.name] = before.then(result) if before else result
             self.seconds[host.name] = self.seconds.get(host.name, 0.0) + time.monotonic() - t
             progress.tick(result)
 
@@ -161,13 +179,13 @@ class SshDeployer:
             key_digest = hashlib.sha256(key.read_bytes() + self.topology.read_bytes()).hexdigest()
         self.say(f"artifact {pyz} sha256 {digest[:16]}")
 
-        def copy_one(remote: Remote, host: Host) -> str:
+        def copy_one(remote: Remote, host: Host) -> Result:
             d = self.remote_dir
             have = remote.run(
                 f"mkdir -p -m 700 {d} && cat {d}/gproc.pyz.sha256 {d}/key.sha256 2>/dev/null; true"
             ).split()
             if digest in have and key_digest in have:
-                return "artifact already there"
+                return Result(OK, "artifact already there")
             remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
             remote.upload(key, f"{d}/cluster.key", 0o600)
             if self.topology is not None:
@@ -177,7 +195,7 @@ class SshDeployer:
             )
             with self.lock:
                 self.uploaded += 1
-            return "uploaded"
+            return Result(CHANGED, "uploaded artifact and key")
 
         self.each("copy", hosts, copy_one)
         self.digest = digest
@@ -207,23 +225,23 @@ class SshDeployer:
         lonely = orphans(hosts, self.locale.master_name(), live_nodes(self.s.uds) or set())
         for name, parent in lonely.items():
             self.results[name] = Result(
-                SKIPPED, f"its parent {parent} is neither in this range nor running"
+                SKIPPED, f"not touched: its parent {parent} is neither in this range nor running"
             )
         for level in sorted({h.level for h in hosts}):
             here = [h for h in hosts if h.level == level]
             runnable = []
             for h in here:
-                if self.results.get(h.name, Result()).state != OK:
+                if self.results.get(h.name, Result()).state not in GOOD:
                     continue
                 parent = self.results.get(h.parent)
-                if parent is not None and parent.state != OK:
+                if parent is not None and parent.state not in GOOD:
                     self.results[h.name] = Result(
-                        SKIPPED, f"its parent {h.parent} is {parent.state}"
+                        SKIPPED, f"not touched: its parent {h.parent} is {parent.state}"
                     )
                 else:
                     runnable.append(h)
             self.each(f"start level {level}", runnable, self._start_slave)
-            started = [h.name for h in runnable if self.results[h.name].state == OK]
+            started = [h.name for h in runnable if self.results[h.name].state in GOOD]
             late = wait_registered(self.s.uds, started, self.s.register_timeout)
             for name in late:
                 self.results[name] = Result(
@@ -232,23 +250,31 @@ class SshDeployer:
                     f"{self.s.register_timeout:.0f}s; see "
                     f"{self.remote_dir}/slave.log there",
                 )
-            self.say(f"level {level}: {len(started) - len(late)} of {len(here)} registered")
+            live = live_nodes(self.s.uds) or set()
+            up = sum(h.name in live for h in here)
+            self.say(f"level {level}: {up} of {len(here)} registered with the master")
+        live = live_nodes(self.s.uds) or set()
+        for name, result in self.results.items():
+            if result.state == SKIPPED and name in live:
+                result.detail += " (its daemon runs: it is up in the tree)"
 
-    def _start_slave(self, remote: Remote, host: Host) -> str:
+    def _start_slave(self, remote: Remote, host: Host) -> Result:
         d = self.remote_dir
         switches = self._switches(f"{d}/cluster.key", self.remote_locale)
-        argv = ["python3", f"{d}/gproc.pyz", *switches, "-myId", str(host.number), "s"]
-        script = START.format(d=d, digest=self.digest, argv=shlex.join(argv))
-        return remote.run(script).strip() or "started"
+        argv = ["python3", f"{d}/gproc.pyz", *switches, "-myId", str(host.number)]
+        argv += ["-pidfile", f"{d}/slave.pid", "s"]
+        script = OURS + START.format(d=d, digest=self.digest, argv=shlex.join(argv))
+        said = remote.run(script).strip() or "started"
+        return Result(OK if said == "already running" else CHANGED, said)
 
     def stop_hosts(self, hosts: list[Host]) -> None:
         # leaves first, so their parents' going does not look like a failure in their logs
+        def stop(remote: Remote, _host: Host) -> Result:
+            said = remote.run(OURS + STOP.format(d=self.remote_dir)).strip()
+            return Result(CHANGED if said == "stopped" else OK, said)
+
         for level in sorted({h.level for h in hosts}, reverse=True):
-            self.each(
-                f"stop level {level}",
-                [h for h in hosts if h.level == level],
-                lambda remote, _h: remote.run(STOP.format(d=self.remote_dir)).strip(),
-            )
+            self.each(f"stop level {level}", [h for h in hosts if h.level == level], stop)
 
     # ------------------------------------------------------------ commands
 
@@ -274,41 +300,76 @@ class SshDeployer:
         return self.report(hosts)
 
     def report(self, hosts: list[Host]) -> bool:
-        """Print one line per host; True when every host is ok."""
+        """One line per host, then the recap; True when every host is ok or changed."""
         width = max((len(h.name) for h in hosts), default=4)
+        final = {h.name: self.results.get(h.name, Result(SKIPPED, "not attempted")) for h in hosts}
         for h in sorted(hosts, key=lambda h: h.number):
-            r = self.results.get(h.name, Result(SKIPPED, "not attempted"))
+            r = final[h.name]
             self.say(f"{h.name:<{width}}  {r.state:<11}  {r.detail}")
-        bad = [h.name for h in hosts if self.results.get(h.name, Result(SKIPPED)).state != OK]
-        if bad:
-            self.say(f"{len(bad)} of {len(hosts)} hosts are not ok")
-        return not bad
+        counts = {state: 0 for state in STATES}
+        for r in final.values():
+            counts[r.state] += 1
+        self.say("recap: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+        return all(r.state in GOOD for r in final.values())
 
 
+# ours: slave.pid ("PID START", written by the daemon itself, gproc.pidfile) names a live
+# process with that start time (field 22 of /proc/PID/stat) running gproc.pyz: this daemon,
+# not whatever process now holds a recycled pid. Sets $pid.
+OURS = """\
+ours() {
+    [ -s slave.pid ] || return 1
+    read -r pid start < slave.pid || true
+    [ -n "$pid" ] && [ -n "$start" ] || return 1
+    now=$(cut -d')' -f2- "/proc/$pid/stat" 2>/dev/null | awk '{print $20}')
+    [ "$now" = "$start" ] && grep -q gproc.pyz "/proc/$pid/cmdline" 2>/dev/null
+}
+halt() {
+    kill "$pid" 2>/dev/null
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25; do
+        kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2
+    done
+    kill -9 "$pid" 2>/dev/null || true
+}
+"""
+
+# Verified: "started" only once the new daemon has written its own pid file (it serves);
+# registration is checked by the deployer with the master.
 START = """\
 set -e
 cd {d}
-if [ -f slave.pid ] && kill -0 "$(cat slave.pid)" 2>/dev/null \\
-   && grep -q gproc.pyz "/proc/$(cat slave.pid)/cmdline" 2>/dev/null; then
+restarted=""
+if ours; then
     if [ "$(cat slave.sha256 2>/dev/null)" = "{digest}" ]; then
         echo "already running"; exit 0
     fi
-    kill "$(cat slave.pid)"; sleep 0.5
+    halt; restarted=1
 fi
+rm -f slave.pid
 setsid {argv} >> {d}/slave.log 2>&1 < /dev/null &
-echo $! > slave.pid
+child=$!
+tries=0
+until [ -s slave.pid ]; do
+    if ! kill -0 "$child" 2>/dev/null; then
+        echo "the daemon exited at once: $(tail -n 1 slave.log)" >&2; exit 1
+    fi
+    tries=$((tries + 1))
+    if [ "$tries" -gt 300 ]; then echo "no pid file after 30s; see {d}/slave.log" >&2; exit 1; fi
+    sleep 0.1
+done
 echo {digest} > slave.sha256
-echo started
+if [ -n "$restarted" ]; then echo "restarted (another artifact ran)"; else echo started; fi
 """
 
 STOP = """\
 cd {d} 2>/dev/null || {{ echo "not running"; exit 0; }}
-if [ -f slave.pid ] && kill -0 "$(cat slave.pid)" 2>/dev/null; then
-    pid=$(cat slave.pid); kill "$pid"
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f slave.pid; echo stopped
+if ours; then
+    halt; rm -f slave.pid; echo stopped
+elif [ -s slave.pid ]; then
+    other=$(cut -d' ' -f1 slave.pid)
+    echo "not running (slave.pid names pid $other, which is not this daemon: left alone)"
+    rm -f slave.pid
 else
-    rm -f slave.pid; echo "not running"
+    echo "not running"
 fi
 """

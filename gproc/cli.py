@@ -130,6 +130,12 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     )
     add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
     add(
+        "pidfile",
+        "s: write 'PID START-TIME' here once serving, removed on exit (gproc-deploy uses it "
+        "to stop exactly this daemon)",
+        metavar="PATH",
+    )
+    add(
         "allow",
         "m: who may use the tree: owner (the master's user, socket 0600), all (every local "
         "user, 0666) or group:NAME (0660); each job runs as its user on every node "
@@ -193,6 +199,7 @@ DEFAULTS = {
     "cacheMB": 512,
     "heartbeat": 5.0,
     "allow": "owner",
+    "pidfile": None,
     "export": "ALL",
     "raw": False,
     "b": False,

@@ -83,6 +83,7 @@ def do_slave(args: argparse.Namespace) -> int:
         place.parent,
         key_for(args),
         args.heartbeat,
+        args.pidfile,
     )
     return run_daemon(slave.run)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gproc import copying, nodespec, sandbox, users
+from gproc import copying, nodespec, pidfile, sandbox, users
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -524,8 +524,10 @@ class Slave:
         parent: tuple[str, int],
         key: bytes,
         heartbeat: float = HEARTBEAT,
+        pid_file: str | None = None,
     ):
         self.node = node
+        self.pid_file = pid_file  # written once serving, removed on the way out
         self.listen = listen
         self.parent = parent
         self.key = key
@@ -547,6 +549,15 @@ class Slave:
             self.cache = await asyncio.to_thread(BlobCache, root, size)
         await self.hop.serve(*self.listen)
         log.info("%s: serving children on %s:%d", self.node.name, *self.listen)
+        if self.pid_file:
+            pidfile.write(self.pid_file)
+        try:
+            await self._join_and_serve()
+        finally:
+            if self.pid_file:
+                pidfile.remove_if_mine(self.pid_file)
+
+    async def _join_and_serve(self) -> None:
         conn = await dial_parent(*self.parent, self.key, self.node.name)
         addr = self.listen[0]
         if addr in ("0.0.0.0", "::", ""):
