@@ -9,6 +9,7 @@ in file order, each bringing the tree to the state it starts from.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 
 import pytest
@@ -17,13 +18,14 @@ from harness.cluster import Cluster, Result
 from harness.faults import heal, inject
 
 from .checks import by_node, gproc, gproc_processes, names
+from .waiting import wait_until
 
 # One worker runs the whole module, in file order (harness/conftest.py makes -n N group it).
 pytestmark = pytest.mark.xdist_group("deploy")
 
 UP = ("up", "1", "80", "--locale", "kane")
 DOWN = ("down", "--locale", "kane")
-_HOST = re.compile(r"^(kn\d+)\s+(ok|UNREACHABLE|FAILED|SKIPPED)\s+(.*)$")
+_HOST = re.compile(r"^(kn\d+)\s+(ok|changed|failed|unreachable|skipped)\s+(.*)$")
 ACCEPT = "--accept-new-host-keys"
 
 
@@ -58,8 +60,11 @@ def first_up(bare_cluster: Cluster) -> tuple[Result, float]:
 def test_up_starts_every_host(bare_cluster, first_up):
     res, _ = first_up
     assert res.status == 0, res.out + res.err
-    assert hosts(res) == {n: ("ok", "started") for n in names(1, 80)}
+    assert hosts(res) == {
+        n: ("changed", "uploaded artifact and key; started") for n in names(1, 80)
+    }
     assert "artifact uploaded to 80" in res.out
+    assert "recap: 0 ok, 80 changed, 0 failed, 0 unreachable, 0 skipped" in res.out
     run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
     assert run.status == 0, run.err
     assert by_node(run) == {n: [n] for n in names(1, 80)}
@@ -84,6 +89,7 @@ def test_up_again_uploads_and_restarts_nothing(bare_cluster, first_up):
     res, again = timed_up(bare_cluster)
     assert res.status == 0, res.out + res.err
     assert hosts(res) == {n: ("ok", "already running") for n in names(1, 80)}
+    assert "recap: 80 ok, 0 changed, 0 failed, 0 unreachable, 0 skipped" in res.out
     assert "artifact uploaded to 0" in res.out
     assert "the master is already running" in res.out
     assert again < first / 2, f"repeat up took {again:.1f}s, the first {first:.1f}s"
@@ -93,7 +99,7 @@ def test_down_leaves_no_gproc_and_can_be_repeated(bare_cluster):
     assert deploy(bare_cluster, *UP).status == 0
     res = deploy(bare_cluster, *DOWN)
     assert res.status == 0, res.out + res.err
-    assert hosts(res) == {n: ("ok", "stopped") for n in names(1, 80)}
+    assert hosts(res) == {n: ("changed", "stopped") for n in names(1, 80)}
     assert "stopped the master" in res.out
     assert gproc_processes(bare_cluster) == {}
     again = deploy(bare_cluster, *DOWN)
@@ -113,13 +119,13 @@ def test_unreachable_node_and_rack_master(bare_cluster):
     finally:
         heal(bare_cluster, daemons=False)
     assert res.status == 1, res.out + res.err
-    want = {n: "ok" for n in names(1, 80)} | {n: "SKIPPED" for n in names(21, 39)}
-    assert states(res) == want | {"kn5": "UNREACHABLE", "kn40": "UNREACHABLE"}
+    want = {n: "changed" for n in names(1, 80)} | {n: "skipped" for n in names(21, 39)}
+    assert states(res) == want | {"kn5": "unreachable", "kn40": "unreachable"}
     detail = hosts(res)
     assert detail["kn5"][1].startswith("cannot connect to 10.1.30.5:22"), detail["kn5"]
     assert detail["kn40"][1].startswith("cannot connect to 10.1.30.40:22"), detail["kn40"]
-    assert detail["kn21"][1] == "its parent kn40 is UNREACHABLE"
-    assert "21 of 80 hosts are not ok" in res.out
+    assert detail["kn21"][1] == "not touched: its parent kn40 is unreachable"
+    assert "recap: 0 ok, 59 changed, 0 failed, 2 unreachable, 19 skipped" in res.out
     rack1 = gproc(bare_cluster, "e", "1/.", "/bin/hostname")
     assert rack1.status == 0, rack1.err
     assert set(by_node(rack1)) == names(1, 20) - {"kn5"}
@@ -131,12 +137,12 @@ def test_unknown_host_key_is_refused_until_accepted(bare_cluster):
     assert bare_cluster.exec(["sh", "-c", f": > {empty}"]).status == 0
     res = deploy(bare_cluster, *UP, "--known-hosts", empty)
     assert res.status == 1
-    assert states(res) == {n: "UNREACHABLE" for n in names(1, 80)}
+    assert states(res) == {n: "unreachable" for n in names(1, 80)}
     for host, (_, detail) in hosts(res).items():
         assert "unknown host key" in detail and ACCEPT in detail, (host, detail)
     accepted = deploy(bare_cluster, *UP, "--known-hosts", empty, ACCEPT)
     assert accepted.status == 0, accepted.out + accepted.err
-    assert set(states(accepted).values()) == {"ok"}
+    assert set(states(accepted).values()) <= {"ok", "changed"}
     run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
     assert by_node(run) == {n: [n] for n in names(1, 80)}
 
@@ -148,5 +154,56 @@ def test_accepted_host_keys_are_remembered(bare_cluster):
     assert bare_cluster.exec(["sh", "-c", f": > {fresh}"]).status == 0
     assert deploy(bare_cluster, *UP, "--known-hosts", fresh, ACCEPT).status == 0
     res = deploy(bare_cluster, *UP, "--known-hosts", fresh)
-    assert states(res) == {n: "ok" for n in names(1, 80)}
+    assert set(states(res).values()) <= {"ok", "changed"} and len(states(res)) == 80
     assert res.status == 0
+
+
+def test_status_names_a_deployed_node_that_is_lost(bare_cluster):
+    assert deploy(bare_cluster, *UP).status == 0
+    inject(bare_cluster, "kill", "kn9")
+    try:
+        wait_until(lambda: bare_cluster.tree().get("kn9"), 60, "kn9 lost", lambda s: s == "lost")
+        res = deploy(bare_cluster, "status")
+        assert res.status == 1, res.out + res.err
+        assert "deployed hosts not up in the tree: lost: kn9" in res.err
+    finally:
+        heal(bare_cluster, daemons=False)
+    assert deploy(bare_cluster, *UP).status == 0, "up brings kn9 back"
+    assert deploy(bare_cluster, "status").status == 0
+
+
+def test_down_kills_only_the_daemon_it_started(bare_cluster):
+    """A pid file naming another process (a recycled pid, a hand edit): left alone, said."""
+    assert deploy(bare_cluster, *UP).status == 0
+    stop = deploy(bare_cluster, "down", "7", "7", "--locale", "kane")
+    assert hosts(stop)["kn7"] == ("changed", "stopped"), stop.out
+    plant = "sleep 600 & echo $! > /tmp/gproc-deploy/slave.pid; echo $!"
+    decoy = bare_cluster.exec(["sh", "-c", plant], host="kn7").out.strip()
+    try:
+        res = deploy(bare_cluster, "down", "7", "7", "--locale", "kane")
+        state, detail = hosts(res)["kn7"]
+        assert state == "ok" and f"names pid {decoy}, which is not this daemon" in detail
+        alive = bare_cluster.exec(["kill", "-0", decoy], host="kn7")
+        assert alive.status == 0, "the sleep was not killed"
+    finally:
+        bare_cluster.exec(["kill", decoy], host="kn7")
+    assert deploy(bare_cluster, *UP).status == 0
+
+
+def test_two_runs_at_once_leave_one_daemon_per_node(bare_cluster):
+    assert deploy(bare_cluster, *DOWN).status == 0
+    front = bare_cluster.container_name(bare_cluster.require_plan().front_end)
+    cmd = ["docker", "exec", front, "gproc-deploy", *UP, "--lock-wait", "300"]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    assert any("waiting up to 300s for another gproc-deploy run" in out for out, _ in outs)
+    daemons = gproc_processes(bare_cluster)
+    assert {n: len(p) for n, p in daemons.items() if n != "cesspool"} == {
+        n: 1 for n in names(1, 80)
+    }, daemons
+    pids = bare_cluster.on_nodes(["cut", "-d", " ", "-f1", "/tmp/gproc-deploy/slave.pid"])
+    assert {n: r.out.strip() for n, r in pids.items()} == {
+        n: daemons[n][0].split()[0] for n in names(1, 80)
+    }, "each pid file names its node's one daemon"
