@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
             Allow.parse(args.allow)  # a bad value fails here, not in the master's log
         if args.command == "up" and not args.dry_run:
+            from gproc.locales import LocaleOptions, load_locale
+
+            load_locale(args.locale, LocaleOptions(cmdport=args.cmdport))  # a bad one: no memory
             remember_locale(args.locale, args.cmdport)
         if args.locale == "local":
             return run_local(args)

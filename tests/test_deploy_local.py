@@ -240,3 +240,13 @@ def test_up_allow_all_opens_the_socket_to_every_user(tmp_path: Path) -> None:
     finally:
         deploy(env, "down", *common)
     assert daemons(port) == []
+
+
+def test_an_up_with_an_unknown_locale_is_not_remembered(tmp_path: Path) -> None:
+    """So the next plain down still acts on the tree the last good up started."""
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    bad = deploy(env, "up", "1", "8", "--locale", "nosuch")
+    assert bad.returncode == 1 and "nosuch" in bad.stderr
+    assert not (tmp_path / "state" / "gproc" / "last-up.json").exists()
+    down = deploy(env, "down", "--cmdport", str(free_port_block(1)))
+    assert down.returncode == 0, down.stderr
