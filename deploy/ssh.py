@@ -100,7 +100,8 @@ class SshDeployer:
         self.daemons = LocalDaemons(state)
         self.results: dict[str, Result] = {}
         self.uploaded = 0
-        self.digest = ""
+        self.digest = ""  # the artifact's
+        self.fingerprint = ""  # artifact, key and daemon settings: a change restarts
         self.lock = threading.Lock()
         self.seconds: dict[str, float] = {}  # SSH time per host, over every phase
 
@@ -182,29 +183,49 @@ class SshDeployer:
         def copy_one(remote: Remote, host: Host) -> Result:
             d = self.remote_dir
             have = remote.run(
-                f"mkdir -p -m 700 {d} && cat {d}/gproc.pyz.sha256 {d}/key.sha256 2>/dev/null; true"
-            ).split()
-            if digest in have and key_digest in have:
-                return Result(OK, "artifact already there")
-            remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
-            remote.upload(key, f"{d}/cluster.key", 0o600)
-            if self.topology is not None:
-                remote.upload(self.topology, self.remote_locale, 0o644)
-            remote.run(
-                f"echo {digest} > {d}/gproc.pyz.sha256 && echo {key_digest} > {d}/key.sha256"
+                f"mkdir -p -m 700 {d} && cd {d} && for f in gproc.pyz.sha256 key.sha256; do "
+                f'echo "$(cat $f 2>/dev/null)"; done'
+            ).splitlines()
+            new_artifact = have[:1] != [digest]
+            new_key = have[1:2] != [key_digest]
+            if not new_artifact and not new_key:
+                return Result(OK, "artifact and key already there")
+            if new_artifact:
+                remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
+                remote.run(f"echo {digest} > {d}/gproc.pyz.sha256")
+                with self.lock:
+                    self.uploaded += 1
+            if new_key:  # a key alone travels alone: the artifact is not sent again
+                remote.upload(key, f"{d}/cluster.key", 0o600)
+                if self.topology is not None:
+                    remote.upload(self.topology, self.remote_locale, 0o644)
+                remote.run(f"echo {key_digest} > {d}/key.sha256")
+            what = " and ".join(
+                w for w, new in (("artifact", new_artifact), ("key", new_key)) if new
             )
-            with self.lock:
-                self.uploaded += 1
-            return Result(CHANGED, "uploaded artifact and key")
+            return Result(CHANGED, f"uploaded {what}")
 
         self.each("copy", hosts, copy_one)
         self.digest = digest
+        settings = shlex.join(self._switches("KEY", self.remote_locale))
+        self.fingerprint = hashlib.sha256(f"{digest} {key_digest} {settings}".encode()).hexdigest()
 
     def start_master(self) -> None:
-        if self.daemons.start_master(self.master_argv(), self.s.uds, self.s.cmdport, 30):
-            self.say(f"started the master (log {self.state / 'master.log'})")
+        """Start the master, or restart it when it runs another artifact, key or settings
+        (its slaves then follow it down, and the levels bring them up again)."""
+        argv = self.master_argv()
+        mark = self.state / "master.sha256"
+        want = hashlib.sha256(f"{self.fingerprint} {shlex.join(argv)}".encode()).hexdigest()
+        old = mark.read_text().strip() if mark.exists() else ""
+        restart = self.daemons.pid("master") is not None and old != want
+        if restart:
+            self.daemons.stop(["master"])
+        if self.daemons.start_master(argv, self.s.uds, self.s.cmdport, 30):
+            verb = "restarted" if restart else "started"
+            self.say(f"{verb} the master (log {self.state / 'master.log'})")
         else:
             self.say("the master is already running")
+        mark.write_text(want + "\n")
 
     def master_argv(self) -> list[str]:
         switches = self._switches(self.s.key, self.s.locale)
@@ -263,7 +284,7 @@ class SshDeployer:
         switches = self._switches(f"{d}/cluster.key", self.remote_locale)
         argv = ["python3", f"{d}/gproc.pyz", *switches, "-myId", str(host.number)]
         argv += ["-pidfile", f"{d}/slave.pid", "s"]
-        script = OURS + START.format(d=d, digest=self.digest, argv=shlex.join(argv))
+        script = OURS + START.format(d=d, digest=self.fingerprint, argv=shlex.join(argv))
         said = remote.run(script).strip() or "started"
         return Result(OK if said == "already running" else CHANGED, said)
 
@@ -358,7 +379,8 @@ until [ -s slave.pid ]; do
     sleep 0.1
 done
 echo {digest} > slave.sha256
-if [ -n "$restarted" ]; then echo "restarted (another artifact ran)"; else echo started; fi
+if [ -n "$restarted" ]; then echo "restarted (another artifact, key or settings ran)"
+else echo started; fi
 """
 
 STOP = """\

@@ -207,3 +207,21 @@ def test_two_runs_at_once_leave_one_daemon_per_node(bare_cluster):
     assert {n: r.out.strip() for n, r in pids.items()} == {
         n: daemons[n][0].split()[0] for n in names(1, 80)
     }, "each pid file names its node's one daemon"
+
+
+def test_a_new_key_restarts_every_daemon_and_is_not_an_artifact_upload(bare_cluster):
+    assert deploy(bare_cluster, *UP).status == 0
+    new_key = "/tmp/rotated.key"
+    bare_cluster.exec(["sh", "-c", f"rm -f {new_key} && gproc k -key {new_key}"])
+    try:
+        res = deploy(bare_cluster, *UP, "--key", new_key)
+        assert res.status == 0, res.out + res.err
+        assert "artifact uploaded to 0" in res.out, "only the key travels"
+        assert "restarted the master" in res.out
+        details = {detail.split(";")[0] for _, detail in hosts(res).values()}
+        assert details == {"uploaded key"}, details
+        assert set(states(res).values()) == {"changed"}
+        run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
+        assert by_node(run) == {n: [n] for n in names(1, 80)}, "every node joined on the new key"
+    finally:
+        assert deploy(bare_cluster, *UP).status == 0, "back to the default key"
