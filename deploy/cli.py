@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("high", type=int, nargs="?", help="last node number")
     for s in (up, down):
         s.add_argument("--dry-run", action="store_true", help="print the plan, touch nothing")
+    up.add_argument(
+        "--check",
+        action="store_true",
+        help="connect, compare and print per host exactly what up would do; change nothing",
+    )
     for s in (up, copy, status, down):
         _common(s)
     for s in (up, copy, down):
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             from gproc.users import Allow
 
             Allow.parse(args.allow)  # a bad value fails here, not in the master's log
-        if args.command == "up" and not args.dry_run:
+        if args.command == "up" and not args.dry_run and not args.check:
             from gproc.locales import LocaleOptions, load_locale
 
             load_locale(args.locale, LocaleOptions(cmdport=args.cmdport))  # a bad one: no memory
@@ -228,6 +233,7 @@ def run_ssh(args: argparse.Namespace) -> int:
         bin_root=args.bin_root,
         debug=getattr(args, "debug", None) or 1,
         allow=getattr(args, "allow", None) or "owner",
+        check=getattr(args, "check", False),
         parallel=args.parallel,
         register_timeout=getattr(args, "timeout", None) or 60.0,
         ssh=SshOptions(
@@ -255,11 +261,11 @@ def run_ssh(args: argparse.Namespace) -> int:
     check_up_front(settings.ssh)
     with run_lock(state, args.lock_wait, print):
         if args.command == "up":
-            path, created = create_key(key)
+            path, created = create_key(key) if not args.check else (key, False)
             if created:
                 print(f"created cluster key {path}")
             ok = deployer.up(low, high)
-            if ok:  # a failed up keeps what the last good one remembered
+            if ok and not args.check:  # a failed up keeps what the last good one remembered
                 remember_range(state, low, high)
             if live := _tree_or_none(uds):
                 print(live)

@@ -64,6 +64,7 @@ class Settings:
     bin_root: str | None = None
     debug: int = 1
     allow: str = "owner"  # gproc m -allow
+    check: bool = False  # --check: say what up would do, change nothing
     parallel: int = 32
     register_timeout: float = 60.0
     ssh: SshOptions = field(default_factory=SshOptions)
@@ -102,6 +103,7 @@ class SshDeployer:
         self.uploaded = 0
         self.digest = ""  # the artifact's
         self.fingerprint = ""  # artifact, key and daemon settings: a change restarts
+        self.master_restarts = False  # --check: the master would restart (nodes start anew)
         self.lock = threading.Lock()
         self.seconds: dict[str, float] = {}  # SSH time per host, over every phase
 
@@ -175,9 +177,12 @@ class SshDeployer:
     def copy(self, hosts: list[Host]) -> None:
         pyz, digest = build_zipapp(self.state / "gproc.pyz")
         key = Path(self.s.key)
-        key_digest = hashlib.sha256(key.read_bytes()).hexdigest()
+        secret = (
+            key.read_bytes() if key.exists() or not self.s.check else b""
+        )  # --check: made later
         if self.topology is not None:  # the topology travels too: part of what must match
-            key_digest = hashlib.sha256(key.read_bytes() + self.topology.read_bytes()).hexdigest()
+            secret += self.topology.read_bytes()
+        key_digest = hashlib.sha256(secret).hexdigest()
         self.say(f"artifact {pyz} sha256 {digest[:16]}")
 
         def copy_one(remote: Remote, host: Host) -> Result:
@@ -190,6 +195,13 @@ class SshDeployer:
             new_key = have[1:2] != [key_digest]
             if not new_artifact and not new_key:
                 return Result(OK, "artifact and key already there")
+            what = " and ".join(
+                w for w, new in (("artifact", new_artifact), ("key", new_key)) if new
+            )
+            if self.s.check:
+                with self.lock:
+                    self.uploaded += new_artifact
+                return Result(CHANGED, f"uploaded {what}")
             if new_artifact:
                 remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
                 remote.run(f"echo {digest} > {d}/gproc.pyz.sha256")
@@ -200,9 +212,6 @@ class SshDeployer:
                 if self.topology is not None:
                     remote.upload(self.topology, self.remote_locale, 0o644)
                 remote.run(f"echo {key_digest} > {d}/key.sha256")
-            what = " and ".join(
-                w for w, new in (("artifact", new_artifact), ("key", new_key)) if new
-            )
             return Result(CHANGED, f"uploaded {what}")
 
         self.each("copy", hosts, copy_one)
@@ -210,22 +219,40 @@ class SshDeployer:
         settings = shlex.join(self._switches("KEY", self.remote_locale))
         self.fingerprint = hashlib.sha256(f"{digest} {key_digest} {settings}".encode()).hexdigest()
 
-    def start_master(self) -> None:
-        """Start the master, or restart it when it runs another artifact, key or settings
-        (its slaves then follow it down, and the levels bring them up again)."""
-        argv = self.master_argv()
+    def master_change(self) -> tuple[bool, bool]:
+        """(running, restart): whether the master runs, and whether it must restart because
+        it runs another artifact, key or settings."""
         mark = self.state / "master.sha256"
-        want = hashlib.sha256(f"{self.fingerprint} {shlex.join(argv)}".encode()).hexdigest()
         old = mark.read_text().strip() if mark.exists() else ""
-        restart = self.daemons.pid("master") is not None and old != want
+        running = self.daemons.pid("master") is not None
+        return running, running and old != self._master_mark()
+
+    def _master_mark(self) -> str:
+        argv = shlex.join(self.master_argv())
+        return hashlib.sha256(f"{self.fingerprint} {argv}".encode()).hexdigest()
+
+    def start_master(self, hosts: list[Host]) -> None:
+        """Start the master, or restart it when it runs another artifact, key or settings.
+
+        Before a restart the nodes are stopped, leaves first (they would follow their
+        parent down anyway); the levels then start them on the new master.
+        """
+        running, restart = self.master_change()
+        if self.s.check:
+            verb = "restart" if restart else "leave" if running else "start"
+            self.say(f"would {verb} the master")
+            self.master_restarts = restart
+            return
+        argv = self.master_argv()
         if restart:
+            self.stop_hosts(hosts, record=False)
             self.daemons.stop(["master"])
         if self.daemons.start_master(argv, self.s.uds, self.s.cmdport, 30):
             verb = "restarted" if restart else "started"
             self.say(f"{verb} the master (log {self.state / 'master.log'})")
         else:
             self.say("the master is already running")
-        mark.write_text(want + "\n")
+        (self.state / "master.sha256").write_text(self._master_mark() + "\n")
 
     def master_argv(self) -> list[str]:
         switches = self._switches(self.s.key, self.s.locale)
@@ -262,6 +289,8 @@ class SshDeployer:
                 else:
                     runnable.append(h)
             self.each(f"start level {level}", runnable, self._start_slave)
+            if self.s.check:
+                continue
             started = [h.name for h in runnable if self.results[h.name].state in GOOD]
             late = wait_registered(self.s.uds, started, self.s.register_timeout)
             for name in late:
@@ -284,18 +313,30 @@ class SshDeployer:
         switches = self._switches(f"{d}/cluster.key", self.remote_locale)
         argv = ["python3", f"{d}/gproc.pyz", *switches, "-myId", str(host.number)]
         argv += ["-pidfile", f"{d}/slave.pid", "s"]
-        script = OURS + START.format(d=d, digest=self.fingerprint, argv=shlex.join(argv))
-        said = remote.run(script).strip() or "started"
+        if self.s.check:
+            if self.master_restarts:
+                return Result(CHANGED, "started")  # stopped first, with the master
+            said = remote.run(OURS + CHECK.format(d=d, digest=self.fingerprint)).strip()
+        else:
+            script = OURS + START.format(d=d, digest=self.fingerprint, argv=shlex.join(argv))
+            said = remote.run(script).strip() or "started"
         return Result(OK if said == "already running" else CHANGED, said)
 
-    def stop_hosts(self, hosts: list[Host]) -> None:
-        # leaves first, so their parents' going does not look like a failure in their logs
+    def stop_hosts(self, hosts: list[Host], record: bool = True) -> None:
+        """Stop the daemons, leaves first, so their parents' going does not look like a
+        failure in their logs. ``record=False``: a step of a restart, not a result."""
+
         def stop(remote: Remote, _host: Host) -> Result:
             said = remote.run(OURS + STOP.format(d=self.remote_dir)).strip()
             return Result(CHANGED if said == "stopped" else OK, said)
 
+        before = dict(self.results)
         for level in sorted({h.level for h in hosts}, reverse=True):
             self.each(f"stop level {level}", [h for h in hosts if h.level == level], stop)
+        if not record:  # only failures to reach a host count
+            for name, result in list(self.results.items()):
+                if result.state in GOOD:
+                    self.results[name] = before.get(name, Result(OK, ""))
 
     # ------------------------------------------------------------ commands
 
@@ -303,11 +344,13 @@ class SshDeployer:
         hosts = self.plan(low, high)
         t = time.monotonic()
         self.copy(hosts)
-        self.start_master()
+        self.start_master(hosts)
         self.start_levels(hosts)
         slowest = max(self.seconds, key=self.seconds.__getitem__, default="-")
+        verb = "check (nothing was changed)" if self.s.check else "up"
+        uploaded = "would go" if self.s.check else "uploaded"
         self.say(
-            f"up: {len(hosts)} hosts in {time.monotonic() - t:.1f}s, artifact uploaded "
+            f"{verb}: {len(hosts)} hosts in {time.monotonic() - t:.1f}s, artifact {uploaded} "
             f"to {self.uploaded}; slowest host {slowest} "
             f"({self.seconds.get(slowest, 0.0):.1f}s over SSH)"
         )
@@ -381,6 +424,17 @@ done
 echo {digest} > slave.sha256
 if [ -n "$restarted" ]; then echo "restarted (another artifact, key or settings ran)"
 else echo started; fi
+"""
+
+# What START would say, doing nothing (--check).
+CHECK = """\
+cd {d} 2>/dev/null || {{ echo started; exit 0; }}
+if ours; then
+    if [ "$(cat slave.sha256 2>/dev/null)" = "{digest}" ]; then echo "already running"
+    else echo "restarted (another artifact, key or settings ran)"; fi
+else
+    echo started
+fi
 """
 
 STOP = """\

@@ -225,3 +225,17 @@ def test_a_new_key_restarts_every_daemon_and_is_not_an_artifact_upload(bare_clus
         assert by_node(run) == {n: [n] for n in names(1, 80)}, "every node joined on the new key"
     finally:
         assert deploy(bare_cluster, *UP).status == 0, "back to the default key"
+
+
+def test_check_says_what_up_then_does(bare_cluster):
+    assert deploy(bare_cluster, *UP).status == 0
+    assert deploy(bare_cluster, "down", "1", "3", "--locale", "kane").status == 0
+    check = deploy(bare_cluster, *UP, "--check")
+    assert check.status == 0, check.out + check.err
+    assert "check (nothing was changed)" in check.out and "would leave the master" in check.out
+    assert not {"kn1", "kn2", "kn3"} & set(gproc_processes(bare_cluster)), "nothing started"
+    want = {n: ("ok", "already running") for n in names(4, 80)}
+    assert hosts(check) == want | {n: ("changed", "started") for n in ("kn1", "kn2", "kn3")}
+    up = deploy(bare_cluster, *UP)
+    assert up.status == 0, up.out + up.err
+    assert hosts(up) == hosts(check), "up did exactly what check said"
