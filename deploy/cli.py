@@ -41,14 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Copy gproc to the nodes and bring its tree up level by level.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="up|copy|status|down")
+    sub = p.add_subparsers(dest="command", required=True, metavar="up|copy|status|down|rollback")
     up = sub.add_parser("up", help="copy gproc, start the master and nodes LOW..HIGH by level")
     copy = sub.add_parser("copy", help="copy the artifact and key to nodes LOW..HIGH only")
     status = sub.add_parser("status", help="show the tree as the master sees it")
     down = sub.add_parser("down", help="stop what up started (not running is fine)")
+    rollback = sub.add_parser(
+        "rollback", help="deploy the artifact before the current one again (kept on the nodes)"
+    )
     for s in (up, copy):
         s.add_argument("low", type=int, help="first node number")
         s.add_argument("high", type=int, help="last node number")
+    rollback.add_argument("low", type=int, nargs="?", help="first node number (default: all)")
+    rollback.add_argument("high", type=int, nargs="?", help="last node number")
     down.add_argument("low", type=int, nargs="?", help="first node number (default: all)")
     down.add_argument("high", type=int, nargs="?", help="last node number")
     for s in (up, down):
@@ -58,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="connect, compare and print per host exactly what up would do; change nothing",
     )
-    for s in (up, copy, status, down):
+    for s in (up, copy, status, down, rollback):
         _common(s)
-    for s in (up, copy, down):
+    for s in (up, copy, down, rollback):
         _ssh(s)
+    up.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="only the hosts of LOW..HIGH that were not ok or changed at the last run",
+    )
     up.add_argument(
         "--timeout",
         type=float,
@@ -165,6 +175,11 @@ def run_local(args: argparse.Namespace) -> int:
 
     if args.command == "copy":
         return usage("copy is for locales reached over SSH; local needs no copy")
+    if args.command == "rollback" or getattr(args, "check", False):
+        return usage(
+            f"{'rollback' if args.command == 'rollback' else '--check'} is for "
+            "locales reached over SSH; the local tree runs the installed gproc"
+        )
     s = load_settings(args.cmdport)
     for field, value in (
         ("uds", args.uds),
@@ -260,12 +275,19 @@ def run_ssh(args: argparse.Namespace) -> int:
 
     check_up_front(settings.ssh)
     with run_lock(state, args.lock_wait, print):
-        if args.command == "up":
-            path, created = create_key(key) if not args.check else (key, False)
+        if args.command in ("up", "rollback"):
+            check = getattr(args, "check", False)
+            path, created = create_key(key) if not check else (key, False)
             if created:
                 print(f"created cluster key {path}")
-            ok = deployer.up(low, high)
-            if ok and not args.check:  # a failed up keeps what the last good one remembered
+            only = None
+            if getattr(args, "retry_failed", False):
+                only = deployer.failed_last_time()
+                if not only:
+                    print("nothing failed at the last run: nothing to retry")
+                    return 0
+            ok = deployer.up(low, high, only, rollback=args.command == "rollback")
+            if ok and not check:  # a failed up keeps what the last good one remembered
                 remember_range(state, low, high)
             if live := _tree_or_none(uds):
                 print(live)

@@ -13,6 +13,8 @@ started (its pid and start time, from the pid file the daemon writes itself).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shlex
 import sys
 import threading
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gproc.errors import GprocError
 from gproc.locales import Host, Locale
 from gproc.nodespec import fold
 
@@ -104,6 +107,7 @@ class SshDeployer:
         self.digest = ""  # the artifact's
         self.fingerprint = ""  # artifact, key and daemon settings: a change restarts
         self.master_restarts = False  # --check: the master would restart (nodes start anew)
+        self.pyz: Path | None = None  # the artifact deployed (the master runs it)
         self.lock = threading.Lock()
         self.seconds: dict[str, float] = {}  # SSH time per host, over every phase
 
@@ -174,8 +178,50 @@ class SshDeployer:
         with ThreadPoolExecutor(max_workers=max(1, self.s.parallel)) as pool:
             list(pool.map(one, hosts))
 
-    def copy(self, hosts: list[Host]) -> None:
-        pyz, digest = build_zipapp(self.state / "gproc.pyz")
+    # ------------------------------------------------------------ artifacts kept here
+
+    @property
+    def artifacts(self) -> Path:
+        return self.state / "artifacts"
+
+    def _kept(self, which: str) -> str:
+        path = self.state / which
+        return path.read_text().strip() if path.exists() else ""
+
+    def artifact(self, rollback: bool) -> tuple[Path, str]:
+        """The artifact to deploy: built from this code, or (rollback) the one before.
+
+        Every artifact deployed is kept by its hash with the names of the current and the
+        previous one, so the master runs it too and a rollback has it at hand.
+        """
+        if rollback:
+            digest = self._kept("previous")
+            pyz = self.artifacts / f"{digest}.pyz"
+            if not digest or not pyz.exists():
+                raise GprocError(
+                    f"no previous artifact in {self.artifacts}: nothing to roll back to"
+                )
+            return pyz, digest
+        built, digest = build_zipapp(self.state / "gproc.pyz")
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        pyz = self.artifacts / f"{digest}.pyz"
+        if not pyz.exists():
+            os.replace(built, pyz)
+        return pyz, digest
+
+    def adopt(self, digest: str) -> None:
+        """``digest`` is now the current artifact; the one it replaces is the previous."""
+        current = self._kept("current")
+        if current != digest:
+            (self.state / "previous").write_text(current + "\n")
+            (self.state / "current").write_text(digest + "\n")
+        keep = {digest, current, self._kept("previous")}
+        for old in self.artifacts.glob("*.pyz"):
+            if old.stem not in keep:
+                old.unlink(missing_ok=True)
+
+    def copy(self, hosts: list[Host], rollback: bool = False) -> None:
+        pyz, digest = self.artifact(rollback)
         key = Path(self.s.key)
         secret = (
             key.read_bytes() if key.exists() or not self.s.check else b""
@@ -188,21 +234,27 @@ class SshDeployer:
         def copy_one(remote: Remote, host: Host) -> Result:
             d = self.remote_dir
             have = remote.run(
-                f"mkdir -p -m 700 {d} && cd {d} && for f in gproc.pyz.sha256 key.sha256; do "
-                f'echo "$(cat $f 2>/dev/null)"; done'
+                f"mkdir -p -m 700 {d} && cd {d} && for f in gproc.pyz.sha256 key.sha256 "
+                f'gproc.pyz.prev.sha256; do echo "$(cat $f 2>/dev/null)"; done'
             ).splitlines()
             new_artifact = have[:1] != [digest]
             new_key = have[1:2] != [key_digest]
+            restore = new_artifact and have[2:3] == [digest]  # the previous one is there
             if not new_artifact and not new_key:
                 return Result(OK, "artifact and key already there")
             what = " and ".join(
                 w for w, new in (("artifact", new_artifact), ("key", new_key)) if new
             )
+            if restore:
+                what = what.replace("artifact", "previous artifact (kept there)")
             if self.s.check:
                 with self.lock:
-                    self.uploaded += new_artifact
-                return Result(CHANGED, f"uploaded {what}")
-            if new_artifact:
+                    self.uploaded += new_artifact and not restore
+                return Result(CHANGED, f"{'restored' if restore else 'uploaded'} {what}")
+            if restore:
+                remote.run(SWAP.format(d=d))
+            elif new_artifact:  # the one it replaces is kept, for a rollback
+                remote.run(f"cd {d} && {{ [ ! -f gproc.pyz ] || {KEEP}; }}")
                 remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
                 remote.run(f"echo {digest} > {d}/gproc.pyz.sha256")
                 with self.lock:
@@ -212,10 +264,11 @@ class SshDeployer:
                 if self.topology is not None:
                     remote.upload(self.topology, self.remote_locale, 0o644)
                 remote.run(f"echo {key_digest} > {d}/key.sha256")
-            return Result(CHANGED, f"uploaded {what}")
+            return Result(CHANGED, f"{'restored' if restore else 'uploaded'} {what}")
 
         self.each("copy", hosts, copy_one)
         self.digest = digest
+        self.pyz = pyz
         settings = shlex.join(self._switches("KEY", self.remote_locale))
         self.fingerprint = hashlib.sha256(f"{digest} {key_digest} {settings}".encode()).hexdigest()
 
@@ -255,9 +308,12 @@ class SshDeployer:
         (self.state / "master.sha256").write_text(self._master_mark() + "\n")
 
     def master_argv(self) -> list[str]:
+        """The master runs the deployed artifact too, so it is upgraded (and rolled back)
+        with the nodes."""
         switches = self._switches(self.s.key, self.s.locale)
         uds = ["-defaultMasterUDS", self.s.uds, "-allow", self.s.allow]
-        return [sys.executable, "-m", "gproc", *switches, *uds, "m"]
+        code = [str(self.pyz)] if self.pyz else ["-m", "gproc"]
+        return [sys.executable, *code, *switches, *uds, "m"]
 
     def _switches(self, key: str, locale: str) -> list[str]:
         s = self.s
@@ -340,12 +396,17 @@ class SshDeployer:
 
     # ------------------------------------------------------------ commands
 
-    def up(self, low: int, high: int) -> bool:
-        hosts = self.plan(low, high)
+    def up(self, low: int, high: int, only: set[str] | None = None, rollback: bool = False) -> bool:
+        """Copy, start the master, start the levels; ``only`` (--retry-failed) limits the
+        hosts, ``rollback`` deploys the previous artifact instead of this code's."""
+        hosts = [h for h in self.plan(low, high) if only is None or h.name in only]
         t = time.monotonic()
-        self.copy(hosts)
+        self.copy(hosts, rollback)
         self.start_master(hosts)
         self.start_levels(hosts)
+        if not self.s.check:
+            self.adopt(self.digest)
+            self.remember(hosts)
         slowest = max(self.seconds, key=self.seconds.__getitem__, default="-")
         verb = "check (nothing was changed)" if self.s.check else "up"
         uploaded = "would go" if self.s.check else "uploaded"
@@ -362,6 +423,23 @@ class SshDeployer:
             stopped = self.daemons.stop(["master"])
             self.say("stopped the master" if stopped else "the master was not running")
         return self.report(hosts)
+
+    def remember(self, hosts: list[Host]) -> None:
+        """Each host's outcome, for --retry-failed."""
+        path = self.state / "results.json"
+        try:
+            last = json.loads(path.read_text())
+        except (OSError, ValueError):
+            last = {}
+        last.update({h.name: self.results.get(h.name, Result(SKIPPED)).state for h in hosts})
+        path.write_text(json.dumps(last))
+
+    def failed_last_time(self) -> set[str]:
+        try:
+            last = json.loads((self.state / "results.json").read_text())
+        except (OSError, ValueError):
+            return set()
+        return {name for name, state in last.items() if state not in GOOD}
 
     def report(self, hosts: list[Host]) -> bool:
         """One line per host, then the recap; True when every host is ok or changed."""
@@ -424,6 +502,15 @@ done
 echo {digest} > slave.sha256
 if [ -n "$restarted" ]; then echo "restarted (another artifact, key or settings ran)"
 else echo started; fi
+"""
+
+# Keep the artifact in place as the previous one; bring the previous one back (rollback).
+KEEP = "mv -f gproc.pyz gproc.pyz.prev && mv -f gproc.pyz.sha256 gproc.pyz.prev.sha256"
+SWAP = """\
+cd {d}
+mv -f gproc.pyz gproc.pyz.swap && mv -f gproc.pyz.sha256 gproc.pyz.swap.sha256
+mv -f gproc.pyz.prev gproc.pyz && mv -f gproc.pyz.prev.sha256 gproc.pyz.sha256
+mv -f gproc.pyz.swap gproc.pyz.prev && mv -f gproc.pyz.swap.sha256 gproc.pyz.prev.sha256
 """
 
 # What START would say, doing nothing (--check).
