@@ -17,7 +17,7 @@ from gproc import nodespec
 from gproc.errors import GprocError
 
 MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
-BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing", "jobs")
+BOOLS = ("p", "localbin", "raw", "b", "json", "ldenv", "skipMissing", "jobs")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
 DESCRIPTION = """\
@@ -128,6 +128,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     )
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
+    flag("json", "e: one JSON object per line on stdout for every event (docs/OUTPUT.md)")
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
     flag("skipMissing", "e: ship what can be found when a library is missing")
     flag("jobs", "i: list the running jobs (id, user, program, nodes, seconds) instead")
@@ -154,6 +155,7 @@ DEFAULTS = {
     "export": "ALL",
     "raw": False,
     "b": False,
+    "json": False,
     "ldenv": False,
     "skipMissing": False,
     "jobs": False,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
+from gproc.jsonout import JsonPrinter
 from gproc.output import Printer
 from gproc.protocol import (
     LENGTH,
@@ -57,6 +58,7 @@ class ExecOptions:
     skip_missing: bool = False
     raw: bool = False
     fold: bool = False
+    json: bool = False
     export: str = "ALL"
 
 
@@ -202,7 +204,7 @@ def connect(uds: str) -> BlockingConn:
 def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     """Run the job; the exit status of the whole job (see gproc.output)."""
     header, manifest = build_job(opts)
-    printer = printer or Printer(raw=opts.raw, folded=opts.fold)
+    printer = printer or (JsonPrinter() if opts.json else Printer(raw=opts.raw, folded=opts.fold))
     conn = connect(opts.uds)
     sender = Sender(conn, manifest)
     try:

@@ -112,6 +112,13 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 def do_exec(args: argparse.Namespace) -> int:
     from gproc.client import ExecOptions, run_exec
 
+    if args.json and (args.raw or args.b):
+        from gproc.cli import usage_error
+
+        other = "-raw" if args.raw else "-b"
+        raise SystemExit(
+            usage_error(f"-json and {other} do not go together: both choose how output is printed")
+        )
     opts = ExecOptions(
         spec=args.spec,
         argv=args.command,
@@ -125,6 +132,7 @@ def do_exec(args: argparse.Namespace) -> int:
         skip_missing=args.skipMissing,
         raw=args.raw,
         fold=args.b,
+        json=args.json,
         export=args.export,
     )
     return run_exec(opts)
