@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.jsonout import JsonPrinter
 from gproc.output import Printer
+from gproc.progress import ExecProgress
 from gproc.protocol import (
     LENGTH,
     MAX_FRAME,
@@ -204,9 +206,12 @@ def connect(uds: str) -> BlockingConn:
 def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     """Run the job; the exit status of the whole job (see gproc.output)."""
     header, manifest = build_job(opts)
-    printer = printer or (JsonPrinter() if opts.json else Printer(raw=opts.raw, folded=opts.fold))
+    progress = ExecProgress(None if opts.json or opts.raw else sys.stderr)
+    if printer is None:
+        chosen = JsonPrinter() if opts.json else Printer(raw=opts.raw, folded=opts.fold)
+        printer = progress.around(chosen)
     conn = connect(opts.uds)
-    sender = Sender(conn, manifest)
+    sender = Sender(conn, manifest, progress)
     try:
         conn.send(header)
         _follow(conn, printer, sender)
@@ -215,6 +220,7 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     except OSError as e:
         raise ClientError(sender.error or f"lost the master: {e.strerror or e}") from None
     finally:
+        progress.close()
         conn.close()
     return printer.finish()
 
@@ -251,18 +257,23 @@ class Sender:
     reports :attr:`error`.
     """
 
-    def __init__(self, conn: BlockingConn, manifest: list[Entry]):
+    def __init__(
+        self, conn: BlockingConn, manifest: list[Entry], progress: ExecProgress | None = None
+    ):
         self.conn = conn
         self.manifest = manifest
+        self.progress = progress or ExecProgress(None)
         self.error: str | None = None
 
     def start(self, needed: list[int]) -> None:
+        self.progress.sending(sum(self.manifest[i].size for i in needed))
         threading.Thread(target=self._send, args=(needed,), daemon=True).start()
 
     def _send(self, needed: list[int]) -> None:
         try:
             for index, chunk in chunks(self.manifest, needed):
                 self.conn.send(Data("", index, chunk))
+                self.progress.sent(len(chunk))
         except BundleError as e:
             self._abort(str(e))
         except OSError as e:
