@@ -128,7 +128,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     )
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
-    flag("json", "e: one JSON object per line on stdout for every event (docs/OUTPUT.md)")
+    flag("json", "e: one JSON object per line on stdout for every event; schema: docs/OUTPUT.md")
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
     flag("skipMissing", "e: ship what can be found when a library is missing")
     flag("jobs", "i: list the running jobs (id, user, program, nodes, seconds) instead")

@@ -12,7 +12,9 @@ is one ``output`` event once its newline arrives, a line longer than
 are ``text`` when they are valid UTF-8, else ``base64``, so no byte is lost or replaced.
 
 :class:`JsonPrinter` has :class:`gproc.output.Printer`'s interface, so the client only
-chooses one. An event is one method: keep the books, then :meth:`JsonPrinter._emit`.
+chooses one. A new event is one small method (keep the books, flush the node's held line if
+the node is done, then :meth:`JsonPrinter._emit`), its fields in :data:`EVENTS` and a section
+in docs/OUTPUT.md; tests/test_json.py checks that every event and field is documented.
 """
 
 from __future__ import annotations
