@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from gproc.errors import GprocError
 from gproc.locales import Host, Locale
 from gproc.nodespec import fold
+from gproc.progress import Bar
 
 from .artifact import build_zipapp
 from .daemons import LocalDaemons, live_nodes, orphans, wait_registered
@@ -74,25 +76,33 @@ class Settings:
 
 
 class Progress:
-    """One line per phase, rewritten in place on a terminal, so 80 hosts stay readable."""
+    """Hosts done of one phase: a bar on a terminal (gproc.progress), else a line every ten
+    hosts and at the end, so 80 hosts stay readable in a log."""
 
-    def __init__(self, phase: str, total: int, out=sys.stderr):  # noqa: ANN001
-        self.phase, self.total, self.out = phase, total, out
+    def __init__(self, phase: str, total: int, out: TextIO | None = None):
+        self.phase, self.total = phase, total
+        self.out = out or sys.stderr
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.tty = out.isatty()
+        self.bar = Bar(
+            phase,
+            total,
+            self.out,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        )
 
     def tick(self, result: Result) -> None:
         with self.lock:
             self.counts[result.state] = self.counts.get(result.state, 0) + 1
             done = sum(self.counts.values())
-            if self.tty or done == self.total or done % 10 == 0:
-                self._show(done, end="\r" if self.tty and done < self.total else "\n")
-
-    def _show(self, done: int, end: str) -> None:
-        parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
-        self.out.write(f"{self.phase}: {done}/{self.total} ({parts}){end}")
-        self.out.flush()
+            parts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items()))
+            if self.bar.shown:
+                self.bar.advance(1, note=parts)
+                if done == self.total:
+                    self.bar.close()
+            elif done == self.total or done % 10 == 0:
+                self.out.write(f"{self.phase}: {done}/{self.total} ({parts})\n")
+                self.out.flush()
 
 
 class SshDeployer:

@@ -25,7 +25,7 @@ MODES = {
     "cp": "copy",
     "rcp": "rcopy",
 }
-BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing", "jobs", "n")
+BOOLS = ("p", "localbin", "raw", "b", "json", "ldenv", "skipMissing", "jobs", "n")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
 DESCRIPTION = """\
@@ -150,6 +150,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     )
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
+    flag("json", "e: one JSON object per line on stdout for every event; schema: docs/OUTPUT.md")
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
     flag("skipMissing", "e: ship what can be found when a library is missing")
     flag("jobs", "i: list the running jobs (id, user, program, nodes, seconds) instead")
@@ -203,6 +204,7 @@ DEFAULTS = {
     "export": "ALL",
     "raw": False,
     "b": False,
+    "json": False,
     "ldenv": False,
     "skipMissing": False,
     "jobs": False,

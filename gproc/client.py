@@ -20,7 +20,9 @@ from typing import BinaryIO
 from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
+from gproc.jsonout import JsonPrinter
 from gproc.output import Printer
+from gproc.progress import ExecProgress
 from gproc.protocol import (
     LENGTH,
     MAX_FRAME,
@@ -66,6 +68,7 @@ class ExecOptions:
     skip_missing: bool = False
     raw: bool = False
     fold: bool = False
+    json: bool = False
     export: str = "ALL"
     only: list[str] = field(default_factory=list)  # -w: run on these nodes (names)
     exclude: list[str] = field(default_factory=list)  # -x: never on these
@@ -230,9 +233,12 @@ def connect(uds: str) -> BlockingConn:
 def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     """Run the job; the exit status of the whole job (see gproc.output)."""
     header, manifest = build_job(opts)
-    printer = printer or Printer(raw=opts.raw, folded=opts.fold)
+    progress = ExecProgress(None if opts.json or opts.raw else sys.stderr)
+    if printer is None:
+        chosen = JsonPrinter() if opts.json else Printer(raw=opts.raw, folded=opts.fold)
+        printer = progress.around(chosen)
     conn = connect(opts.uds)
-    sender = Sender(conn, manifest, sys.stdin.buffer if opts.stdin else None)
+    sender = Sender(conn, manifest, progress, sys.stdin.buffer if opts.stdin else None)
     try:
         conn.send(header)
         with Forwarder(conn):
@@ -242,6 +248,7 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     except OSError as e:
         raise ClientError(sender.error or f"lost the master: {e.strerror or e}") from None
     finally:
+        progress.close()
         conn.close()
     return printer.finish()
 
@@ -319,19 +326,28 @@ class Sender:
     reports :attr:`error`.
     """
 
-    def __init__(self, conn: BlockingConn, manifest: list[Entry], stdin: BinaryIO | None = None):
+    def __init__(
+        self,
+        conn: BlockingConn,
+        manifest: list[Entry],
+        progress: ExecProgress | None = None,
+        stdin: BinaryIO | None = None,
+    ):
         self.conn = conn
         self.manifest = manifest
+        self.progress = progress or ExecProgress(None)
         self.stdin = stdin
         self.error: str | None = None
 
     def start(self, needed: list[int]) -> None:
+        self.progress.sending(sum(self.manifest[i].size for i in needed))
         threading.Thread(target=self._send, args=(needed,), daemon=True).start()
 
     def _send(self, needed: list[int]) -> None:
         try:
             for index, chunk in chunks(self.manifest, needed):
                 self.conn.send(Data("", index, chunk))
+                self.progress.sent(len(chunk))
             if self.stdin is not None:
                 self._send_input(self.stdin)
         except BundleError as e:

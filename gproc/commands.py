@@ -113,6 +113,13 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 def do_exec(args: argparse.Namespace) -> int:
     from gproc.client import run_exec
 
+    if args.json and (args.raw or args.b):
+        from gproc.cli import usage_error
+
+        other = "-raw" if args.raw else "-b"
+        raise SystemExit(
+            usage_error(f"-json and {other} do not go together: both choose how output is printed")
+        )
     return run_exec(exec_options(args))
 
 
@@ -159,6 +166,7 @@ def exec_options(args: argparse.Namespace, stdin: bool | None = None):  # noqa: 
         skip_missing=args.skipMissing,
         raw=args.raw,
         fold=args.b,
+        json=args.json,
         export=args.export,
         only=args.only,
         exclude=args.exclude,
