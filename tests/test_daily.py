@@ -165,3 +165,18 @@ def test_stdin_and_signals_need_no_terminal(tree: Tree) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert by_node(r.stdout) == {n: ["ok"] for n in NODES}
+
+
+def test_json_names_the_nodes_that_timed_out(tree: Tree) -> None:
+    import json
+
+    r = tree.gproc("e", "-json", "-u", "1", "./.", "/bin/sleep", "60", timeout=60)
+    assert r.returncode == 124, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    late = [e for e in events if e["event"] == "timeout"]
+    assert {n for e in late for n in e["nodes"]} == NODES and {e["phase"] for e in late} == {"run"}
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["status"] == 124
+    assert summary["timed_out"] == [
+        {"phase": "run", "nodes": sorted(NODES, key=lambda n: int(n[1:]))}
+    ]

@@ -130,7 +130,9 @@ def test_summary_with_a_lost_node_is_255_and_sorts_nodes_by_outcome() -> None:
     summary = evs[-1]
     assert summary["event"] == "summary"
     assert summary["status"] == 255
-    assert summary["counts"] == {"planned": 5, "ok": 2, "failed": 1, "lost": 2, "unreachable": 0}
+    assert summary["counts"] == {
+        "planned": 5, "ok": 2, "failed": 1, "lost": 2, "unreachable": 0, "timed_out": 0
+    }  # fmt: skip
     assert summary["ok"] == ["n2", "n10"]
     assert summary["failed"] == [{"status": 3, "nodes": ["n1"]}]
     assert summary["lost"] == [

@@ -151,7 +151,7 @@ def test_deploy_progress_on_a_terminal_is_a_bar_of_hosts_done() -> None:
     term.close()
     last = [line for line in term.screen() if line][-1]
     assert last.startswith("copy: 100%|"), term.screen()
-    assert "3/3" in last and "1 UNREACHABLE, 2 ok" in last
+    assert "3/3" in last and "2 ok, 1 unreachable" in last
 
 
 def test_deploy_progress_in_a_log_is_a_line_every_ten_hosts() -> None:
@@ -162,7 +162,7 @@ def test_deploy_progress_in_a_log_is_a_line_every_ten_hosts() -> None:
     assert log.getvalue() == (
         "start level 1: 10/25 (10 ok)\n"
         "start level 1: 20/25 (20 ok)\n"
-        "start level 1: 25/25 (1 FAILED, 24 ok)\n"
+        "start level 1: 25/25 (1 failed, 24 ok)\n"
     )
 
 
