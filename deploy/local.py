@@ -37,6 +37,7 @@ class Settings:
     debug: int = 1
     heartbeat: float = 5.0
     allow: str = "owner"  # gproc m -allow: who may use the tree
+    reconnect: float = 0.0  # gproc s -reconnect: seconds a slave waits for a parent to return
 
 
 def state_dir(cmdport: int) -> Path:
@@ -77,6 +78,8 @@ class LocalTree:
             argv += ["-key", s.key]
         if mode == ("m",):
             argv += ["-allow", s.allow]
+        elif s.reconnect:
+            argv += ["-reconnect", str(s.reconnect)]
         return argv + list(mode)
 
     def pid(self, name: str) -> int | None:

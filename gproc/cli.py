@@ -130,6 +130,13 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     )
     add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
     add(
+        "reconnect",
+        "s: when the parent goes away, keep the children and register again within S seconds "
+        "(a parent restarting in a rolling upgrade); 0, the default, exits with the parent",
+        type=float,
+        metavar="S",
+    )
+    add(
         "pidfile",
         "s: write 'PID START-TIME' here once serving, removed on exit (gproc-deploy uses it "
         "to stop exactly this daemon)",
@@ -201,6 +208,7 @@ DEFAULTS = {
     "heartbeat": 5.0,
     "allow": "owner",
     "pidfile": None,
+    "reconnect": 0.0,
     "export": "ALL",
     "raw": False,
     "b": False,

@@ -84,6 +84,7 @@ def do_slave(args: argparse.Namespace) -> int:
         key_for(args),
         args.heartbeat,
         args.pidfile,
+        max(args.reconnect, 0.0),
     )
     return run_daemon(slave.run)
 

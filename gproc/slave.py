@@ -525,8 +525,10 @@ class Slave:
         key: bytes,
         heartbeat: float = HEARTBEAT,
         pid_file: str | None = None,
+        reconnect: float = 0.0,
     ):
         self.node = node
+        self.reconnect = reconnect  # seconds to come back in when the parent goes; 0: exit
         self.pid_file = pid_file  # written once serving, removed on the way out
         self.listen = listen
         self.parent = parent
@@ -558,32 +560,81 @@ class Slave:
                 pidfile.remove_if_mine(self.pid_file)
 
     async def _join_and_serve(self) -> None:
-        conn = await dial_parent(*self.parent, self.key, self.node.name)
-        addr = self.listen[0]
-        if addr in ("0.0.0.0", "::", ""):
-            addr = conn.writer.get_extra_info("sockname")[0]
-        parent_name = await register(conn, self.hop, f"{addr}:{self.listen[1]}")
+        """Register with the parent and serve it; with ``-reconnect S``, when the parent goes
+        away, keep the children and register again within S seconds (a parent restarting,
+        as in a rolling upgrade) instead of exiting."""
+        deadline: float | None = None
+        try:
+            while True:
+                conn = await self._join(deadline)
+                if conn is None:
+                    log.warning(
+                        "%s: parent did not come back within %gs; exiting",
+                        self.node.name,
+                        self.reconnect,
+                    )
+                    return
+                await self._serve_parent(conn)
+                if self.reconnect <= 0:
+                    return
+                deadline = asyncio.get_running_loop().time() + self.reconnect
+                log.warning(
+                    "%s: keeping %d children; registering again within %gs (-reconnect)",
+                    self.node.name,
+                    len(self.hop.children),
+                    self.reconnect,
+                )
+        finally:
+            await self.hop.close()
+
+    async def _join(self, deadline: float | None) -> Conn | None:
+        """Dial and register; before ``deadline`` (a reconnect) any failure is tried again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                dial = dial_parent(*self.parent, self.key, self.node.name)
+                conn = await (dial if remaining is None else within(dial, remaining))
+                addr = self.listen[0]
+                if addr in ("0.0.0.0", "::", ""):
+                    addr = conn.writer.get_extra_info("sockname")[0]
+                parent_name = await register(conn, self.hop, f"{addr}:{self.listen[1]}")
+            except (ConnectionError, ProtocolError, OSError, asyncio.TimeoutError) as e:
+                if deadline is None:
+                    raise
+                log.info("%s: parent not back yet (%s)", self.node.name, e or type(e).__name__)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            log.info(
+                "%s: registered with %s (%s:%d) as id %d",
+                self.node.name,
+                parent_name,
+                *self.parent,
+                self.hop.node_id,
+            )
+            return conn
+
+    async def _serve_parent(self, conn: Conn) -> None:
+        """Relay the parent's frames until it goes away; its jobs die with the link."""
         self.up = conn
-        log.info(
-            "%s: registered with %s (%s:%d) as id %d",
-            self.node.name,
-            parent_name,
-            *self.parent,
-            self.hop.node_id,
-        )
         watchdog = asyncio.ensure_future(keep_alive(lambda: [conn], self.hop.heartbeat, log))
+        verb = "exiting" if self.reconnect <= 0 else "waiting for it"
         try:
             await self._parent_loop(conn)
-            log.warning("%s: parent gone; killing jobs and exiting", self.node.name)
+            log.warning("%s: parent gone; killing jobs and %s", self.node.name, verb)
         except (ConnectionError, ProtocolError) as e:
-            log.warning("%s: parent gone (%s); killing jobs and exiting", self.node.name, e)
+            log.warning("%s: parent gone (%s); killing jobs and %s", self.node.name, e, verb)
         except asyncio.CancelledError:
             log.info("%s: stopping", self.node.name)
             conn.send_nowait(Bye())  # stopped, not lost: the parent forgets us
             raise
         finally:
+            self.up = None
             watchdog.cancel()
-            await self.hop.close()
+            for job in list(self.hop.jobs.values()):  # their upstream is gone
+                await job.kill()
             await conn.close()
 
     async def _parent_loop(self, conn: Conn) -> None:

@@ -109,6 +109,7 @@ def start_tree(
     heartbeat: float = 5.0,
     allow: str = "owner",
     launcher: type[LocalTree] = LocalTree,
+    reconnect: float = 0.0,
 ) -> Tree:
     """A tree of real daemons under ``root``; ``launcher`` may wrap how each one starts."""
     root.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,7 @@ def start_tree(
         debug=1,
         heartbeat=heartbeat,
         allow=allow,
+        reconnect=reconnect,
     )
     started = launcher(settings, state=root / "state")
     started.up(1, nodes, timeout=30, say=lambda _msg: None)
