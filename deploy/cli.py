@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
         _common(s)
     for s in (up, copy, down, rollback):
         _ssh(s)
+    for s in (up, rollback):
+        s.add_argument(
+            "--serial",
+            type=int,
+            default=1,
+            help="a changed artifact, key or setting restarts a running tree rack by rack, this "
+            "many racks at a time, the master last (default 1; 0: all at once, the tree down)",
+        )
+        s.add_argument(
+            "--max-fail",
+            type=int,
+            default=0,
+            help="failed hosts a batch may have before the rollout stops (default 0)",
+        )
+        s.add_argument(
+            "--drain-timeout",
+            type=float,
+            default=60.0,
+            help="seconds running jobs get on a batch before its restart (default 60)",
+        )
     up.add_argument(
         "--retry-failed",
         action="store_true",
@@ -249,6 +269,9 @@ def run_ssh(args: argparse.Namespace) -> int:
         debug=getattr(args, "debug", None) or 1,
         allow=getattr(args, "allow", None) or "owner",
         check=getattr(args, "check", False),
+        serial=max(getattr(args, "serial", 1), 0),
+        max_fail=max(getattr(args, "max_fail", 0), 0),
+        drain_timeout=max(getattr(args, "drain_timeout", 60.0), 0.0),
         parallel=args.parallel,
         register_timeout=getattr(args, "timeout", None) or 60.0,
         ssh=SshOptions(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from gproc.client import ClientError, drain
 from gproc.errors import GprocError
 from gproc.locales import Host, Locale
 from gproc.nodespec import fold
@@ -70,6 +71,10 @@ class Settings:
     debug: int = 1
     allow: str = "owner"  # gproc m -allow
     check: bool = False  # --check: say what up would do, change nothing
+    serial: int = 1  # --serial: racks restarted at once in a rolling upgrade (0: all at once)
+    max_fail: int = 0  # --max-fail: failed hosts a batch may have before the rollout stops
+    drain_timeout: float = 60.0  # --drain-timeout: seconds running jobs get before a restart
+    reconnect: float = 120.0  # gproc s -reconnect: how long a node waits for a restarting parent
     parallel: int = 32
     register_timeout: float = 60.0
     ssh: SshOptions = field(default_factory=SshOptions)
@@ -118,6 +123,8 @@ class SshDeployer:
         self.fingerprint = ""  # artifact, key and daemon settings: a change restarts
         self.master_restarts = False  # --check: the master would restart (nodes start anew)
         self.pyz: Path | None = None  # the artifact deployed (the master runs it)
+        self.refused = 0.0  # rolling: the longest any node refused new jobs, in seconds
+        self.undrainable = False  # the running master does not know how to drain
         self.lock = threading.Lock()
         self.seconds: dict[str, float] = {}  # SSH time per host, over every phase
 
@@ -328,6 +335,7 @@ class SshDeployer:
     def _switches(self, key: str, locale: str) -> list[str]:
         s = self.s
         argv = ["-locale", locale, "-cmdport", str(s.cmdport), "-key", key, "-debug", str(s.debug)]
+        argv += ["-reconnect", f"{s.reconnect:g}"]  # the master may restart under the nodes
         if s.parent:
             argv += ["-parent", s.parent]
         if s.bin_root:
@@ -412,8 +420,12 @@ class SshDeployer:
         hosts = [h for h in self.plan(low, high) if only is None or h.name in only]
         t = time.monotonic()
         self.copy(hosts, rollback)
-        self.start_master(hosts)
-        self.start_levels(hosts)
+        running, restart = self.master_change()
+        if running and restart and self.s.serial > 0 and not self.s.check:
+            self.rolling(hosts)
+        else:
+            self.start_master(hosts)
+            self.start_levels(hosts)
         if not self.s.check:
             self.adopt(self.digest)
             self.remember(hosts)
@@ -433,6 +445,76 @@ class SshDeployer:
             stopped = self.daemons.stop(["master"])
             self.say("stopped the master" if stopped else "the master was not running")
         return self.report(hosts)
+
+    # ------------------------------------------------------------ rolling upgrades
+
+    def rolling(self, hosts: list[Host]) -> None:
+        """Restart a tree that runs another artifact, key or settings without taking it down.
+
+        Racks (a first-level node and everything below it), ``--serial`` at a time: drained
+        (new jobs leave them out, saying why; running ones get ``--drain-timeout``), stopped,
+        started on the new artifact and gated (each node registered, its pid file its own)
+        before the next batch. Then the master: drained, restarted, and the racks, started
+        with ``-reconnect``, register with it again. Jobs on the other racks run on.
+        """
+        below = self._subtrees(hosts)
+        inside = {h.name for h in hosts}
+        racks = [h for h in hosts if h.parent not in inside]  # the tops of what is deployed
+        for start in range(0, len(racks), self.s.serial):
+            batch = [m for r in racks[start : start + self.s.serial] for m in below[r.name]]
+            names = [h.name for h in batch]
+            self.say(f"rolling: {fold(names)}")
+            t = time.monotonic()
+            self._drain(names)
+            self.stop_hosts(batch, record=False)
+            self.start_levels(batch)
+            self._ask(names, False)
+            self.refused = max(self.refused, time.monotonic() - t)
+            bad = [n for n in names if self.results[n].state not in GOOD]
+            if len(bad) > self.s.max_fail:
+                self.say(f"rolling: stopped, {len(bad)} failed (--max-fail {self.s.max_fail})")
+                for h in hosts:
+                    self.results.setdefault(h.name, Result(SKIPPED, "not touched: rollout stopped"))
+                return
+        names = [h.name for h in hosts]
+        self.say("rolling: the master")
+        t = time.monotonic()
+        self._drain(names)
+        self.daemons.stop(["master"])
+        self.start_master(hosts)
+        late = wait_registered(self.s.uds, names, self.s.register_timeout)
+        for name in late:
+            self.results[name] = Result(FAILED, "did not register again with the new master")
+        self.refused = max(self.refused, time.monotonic() - t)
+        self.say(f"rolling: done; the longest any node refused new jobs: {self.refused:.1f}s")
+
+    def _drain(self, names: list[str]) -> None:
+        """New jobs leave ``names`` out; wait up to --drain-timeout for the running ones."""
+        deadline = time.monotonic() + self.s.drain_timeout
+        while busy := self._ask(names, True):
+            if time.monotonic() >= deadline:
+                self.say(f"rolling: {len(busy)} jobs still running after the drain; restarting")
+                return
+            time.sleep(0.2)
+
+    def _ask(self, names: list[str], on: bool) -> list[str]:
+        """Drain (or release) nodes at the master; a master too old to drain is said, once."""
+        try:
+            return drain(self.s.uds, names, on)
+        except (ClientError, OSError) as e:
+            if not self.undrainable:
+                self.say(f"rolling: the master cannot drain nodes ({e}); going on without")
+                self.undrainable = True
+            return []
+
+    @staticmethod
+    def _subtrees(hosts: list[Host]) -> dict[str, list[Host]]:
+        """Each host and every host below it, parents first."""
+        below: dict[str, list[Host]] = {h.name: [h] for h in hosts}
+        for h in sorted(hosts, key=lambda h: -h.level):
+            if h.parent in below:
+                below[h.parent].extend(below[h.name])
+        return {n: sorted(m, key=lambda h: (h.level, h.number)) for n, m in below.items()}
 
     def remember(self, hosts: list[Host]) -> None:
         """Each host's outcome, for --retry-failed."""

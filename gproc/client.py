@@ -28,6 +28,8 @@ from gproc.protocol import (
     MAX_FRAME,
     Data,
     Done,
+    Drain,
+    Draining,
     Error,
     Exit,
     Frame,
@@ -372,6 +374,21 @@ class Sender:
             self.conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def drain(uds: str, nodes: list[str], on: bool) -> list[str]:
+    """Take nodes out of service for new jobs (or back); the jobs still running on them."""
+    conn = connect(uds)
+    try:
+        conn.send(Drain(nodes, on))
+        reply = conn.recv()
+    finally:
+        conn.close()
+    if type(reply) is Error:
+        raise ClientError(reply.message)
+    if type(reply) is not Draining:
+        raise ClientError(f"the master did not answer the drain request: {reply!r}")
+    return reply.busy
 
 
 def fetch_tree(uds: str) -> Tree:

@@ -27,6 +27,8 @@ from gproc.protocol import (
     MAX_FRAME,
     BadJob,
     Data,
+    Drain,
+    Draining,
     Error,
     Info,
     Input,
@@ -72,6 +74,7 @@ class Master:
         self.listen = listen
         self.uds = uds
         self.allow = allow or users.Allow()
+        self.draining: set[str] = set()  # nodes new jobs leave out (gproc-deploy upgrades)
         self.hop = Hop(name, 0, key, heartbeat=heartbeat)
         self.uds_server: asyncio.base_events.Server | None = None
 
@@ -167,7 +170,9 @@ class Master:
                 await conn.send(Error(refusal))
                 return
             frame = await within(conn.recv(), CLIENT_HELLO_TIMEOUT)
-            if type(frame) is Info:
+            if type(frame) is Drain:
+                await conn.send(self._drain(frame, peer))
+            elif type(frame) is Info:
                 await conn.send(TreeReply(self.tree(), self.jobs()))
             elif type(frame) is JobHeader:
                 assert name is not None
@@ -185,6 +190,18 @@ class Master:
         finally:
             await conn.close(grace=None)  # every byte of output reaches the reader
 
+    def _drain(self, frame: Drain, peer: users.Peer) -> Draining | Error:
+        """Only root or the master's own user (gproc-deploy) may take nodes out of service."""
+        if peer.uid not in (0, os.geteuid()):
+            return Error("only root or the master's own user may drain nodes")
+        names = set(frame.nodes)
+        if frame.on:
+            self.draining |= names
+        else:
+            self.draining -= names
+        log.info("%s %s", "draining" if frame.on else "back in service:", nodespec.fold(names))
+        return Draining([j.jid for j in self.hop.jobs.values() if names & set(j.nodes)])
+
     async def _job(self, conn: Conn, header: JobHeader) -> None:
         checked = await self._check(conn, header)
         if checked is None:
@@ -192,6 +209,7 @@ class Master:
         header, spec, entries, nodes, missing = checked
         await conn.send(Plan(nodes, missing))
         job = self.hop.new_job(header, conn, None)
+        job.nodes = nodes
         log.info("job %s: %s on %s as %s", job.jid, header.argv[0], header.spec, header.user)
         try:
             await job.open(spec)
@@ -229,6 +247,11 @@ class Master:
         nodes, missing = expand(spec, trees), unreachable(spec, trees, self.name)
         if named:
             header, nodes, missing = by_name(header, trees, nodes, missing)
+        held = [n for n in nodes if n in self.draining]
+        if held:  # being upgraded: left out, and said why
+            nodes = [n for n in nodes if n not in self.draining]
+            header = dataclasses.replace(header, only=nodes)
+            missing = [*missing, f"{nodespec.fold(held)} (draining: gproc-deploy is upgrading it)"]
         if not nodes:
             what = f"node spec {header.spec!r}" + (" with -w/-x" if named else "")
             message = f"{what} selects no live node (see 'gproc i' for the tree)"

@@ -446,6 +446,24 @@ class Late(Frame):
     phase: str
 
 
+@_kind(26, texts(), flag)
+@dataclass(slots=True)
+class Drain(Frame):
+    """Client (gproc-deploy, as root or the master's user) to master: new jobs leave these
+    nodes out, with the reason, while ``on``; the master answers with the jobs still on them."""
+
+    nodes: list[str]
+    on: bool
+
+
+@_kind(27, texts())
+@dataclass(slots=True)
+class Draining(Frame):
+    """Master to client: the running jobs (ids) that still use a node being drained."""
+
+    busy: list[str]
+
+
 @_kind(20)
 @dataclass(slots=True)
 class Info(Frame):

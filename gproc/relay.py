@@ -177,6 +177,7 @@ class Job:
         self.header = header
         self.only = frozenset(header.only) if header.only else None
         self.started = time.monotonic()
+        self.nodes: list[str] = []  # the nodes it runs on (the master's plan)
         self.up = up
         self.local = local
         self.legs: dict[int, Leg] = {}

@@ -61,3 +61,22 @@ def test_a_parent_that_never_returns_is_waited_for_only_so_long(tmp_path: Path) 
         assert "parent did not come back within 1s; exiting" in log
     finally:
         t.launcher.down()
+
+
+def test_a_drained_node_is_left_out_of_new_jobs_saying_why(tree: Tree) -> None:
+    from gproc.client import drain
+
+    held = tree.popen("e", "2/.", "/bin/sh", "-c", "echo up; exec sleep 60")  # until killed
+    try:
+        assert held.stdout.readline().endswith(": up\n")
+        assert drain(tree.uds, ["n5"], True) != [], "the job on n5..n8 still runs"
+        r = tree.gproc("e", "./.", "/bin/true")
+        assert r.returncode == 255
+        assert "unreachable: n5 (draining: gproc-deploy is upgrading it)" in r.stderr
+        assert "exit status" not in r.stderr, "the other 7 ran"
+    finally:
+        held.kill()
+        held.wait()
+    wait_until(lambda: drain(tree.uds, ["n5"], True), 30, "no job on n5", lambda busy: not busy)
+    assert drain(tree.uds, ["n5"], False) == []
+    assert tree.gproc("e", "./.", "/bin/true").returncode == 0
