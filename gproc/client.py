@@ -312,7 +312,8 @@ def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
         elif kind is Need:
             sender.start(frame.files)
         elif kind is Error:
-            raise ClientError(frame.message)
+            why = f"; unreachable: {', '.join(frame.unreachable)}" if frame.unreachable else ""
+            raise ClientError(frame.message + why)
         elif kind is Done:
             return
         else:

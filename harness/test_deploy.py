@@ -17,7 +17,7 @@ import pytest
 from harness.cluster import Cluster, Result
 from harness.faults import heal, inject
 
-from .checks import by_node, gproc, gproc_processes, names
+from .checks import Running, by_node, gproc, gproc_processes, names
 from .waiting import wait_until
 
 # One worker runs the whole module, in file order (harness/conftest.py makes -n N group it).
@@ -239,3 +239,104 @@ def test_check_says_what_up_then_does(bare_cluster):
     up = deploy(bare_cluster, *UP)
     assert up.status == 0, up.out + up.err
     assert hosts(up) == hosts(check), "up did exactly what check said"
+
+
+SITE2 = "/tmp/gproc-site2"
+DIGEST = "cat /tmp/gproc-deploy/gproc.pyz.sha256"
+
+
+def changed_tree(cluster: Cluster) -> None:
+    """A second artifact: the front-end's gproc with one line added."""
+    copy = f"rm -rf {SITE2} && cp -r /opt/gproc/site {SITE2}"
+    make = f"{copy} && echo '# v2' >> {SITE2}/gproc/__init__.py"
+    assert cluster.exec(["sh", "-c", make]).status == 0
+
+
+def digests(cluster: Cluster) -> set[str]:
+    return {r.out.strip() for r in cluster.on_nodes(["sh", "-c", DIGEST]).values()}
+
+
+class Deploying:
+    """gproc-deploy running on the front-end (from ``site``), read line by line."""
+
+    def __init__(self, cluster: Cluster, site: str, *args: str):
+        front = cluster.container_name(cluster.require_plan().front_end)
+        cmd = ["docker", "exec", front, "env", f"PYTHONPATH={site}", "gproc-deploy", *args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+
+    def until(self, text: str) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"gproc-deploy ended before saying {text!r}:\n{''.join(self.lines)}")
+
+    def finish(self) -> Result:
+        rest, _ = self.proc.communicate(timeout=900)
+        out = "".join(self.lines) + rest
+        assert "Traceback" not in out, out
+        return Result(self.proc.returncode, out, "")
+
+
+def test_a_rolling_upgrade_keeps_the_tree_serving(bare_cluster):
+    """A second artifact, rack by rack then the master, while jobs run: the jobs on racks
+    outside the batch finish with 0, a drained rack refuses new jobs saying why, every node
+    ends on the new artifact, the master too, and no rack is lost."""
+    assert deploy(bare_cluster, *UP).status == 0
+    before = digests(bare_cluster)
+    changed_tree(bare_cluster)
+    rack4 = Running(bare_cluster, "e", "4/.", "/bin/sh", "-c", "echo started; sleep 20; echo done")
+    rack1 = Running(bare_cluster, "e", "1/.", "/bin/sh", "-c", "echo started; sleep 8; echo done")
+    wait_until(lambda: rack4.saying("started") | rack1.saying("started"), 120, "both jobs",
+               lambda s: s == names(1, 20) | names(61, 80))  # fmt: skip
+    rolling = Deploying(bare_cluster, SITE2, *UP, "--drain-timeout", "120")
+    rolling.until("rolling: kn[1-20]")
+    refused = gproc(bare_cluster, "e", "1/.", "/bin/true")
+    assert refused.status == 1 and "draining: gproc-deploy is upgrading it" in refused.err
+    res = rolling.finish()
+    assert res.status == 0, res.out
+    for job in (rack1, rack4):
+        done = job.wait(300)
+        assert done.status == 0, done.err
+        assert by_node(done) and all(v == ["started", "done"] for v in by_node(done).values())
+    after = digests(bare_cluster)
+    assert len(after) == 1 and after != before, "every node on the new artifact"
+    master = " ".join(gproc_processes(bare_cluster)["cesspool"])
+    assert after.pop() in master, "the master runs the new artifact too"
+    assert "rolling: the master" in res.out and "rolling: done" in res.out
+    run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
+    assert by_node(run) == {n: [n] for n in names(1, 80)}, "no rack lost"
+
+
+def test_rollback_returns_to_the_previous_artifact(bare_cluster):
+    now = digests(bare_cluster)
+    res = deploy(bare_cluster, "rollback", "--locale", "kane")
+    assert res.status == 0, res.out + res.err
+    assert "artifact uploaded to 0" in res.out, "the previous one was kept on the nodes"
+    assert {d.split(";")[0] for _, d in hosts(res).values()} == {
+        "restored previous artifact (kept there)"
+    }
+    back = digests(bare_cluster)
+    assert len(back) == 1 and back != now
+    run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
+    assert by_node(run) == {n: [n] for n in names(1, 80)}
+    again = deploy(bare_cluster, *UP)
+    assert set(states(again).values()) == {"ok"}, "this code's artifact is the current one"
+
+
+def test_retry_failed_touches_only_what_failed(bare_cluster):
+    assert deploy(bare_cluster, *DOWN).status == 0
+    inject(bare_cluster, "sshd-stop", "kn5")
+    try:
+        first = deploy(bare_cluster, *UP)
+        assert states(first)["kn5"] == "unreachable" and first.status == 1
+    finally:
+        heal(bare_cluster, daemons=False)
+    retry = deploy(bare_cluster, *UP, "--retry-failed")
+    assert retry.status == 0, retry.out + retry.err
+    assert hosts(retry) == {"kn5": ("changed", "started")}
+    run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
+    assert by_node(run) == {n: [n] for n in names(1, 80)}
