@@ -24,6 +24,8 @@ examples:
   gproc e ./. /bin/date                  run date on every node
   gproc-deploy status --locale kane      the tree, from the master
   gproc-deploy down --locale kane        stop everything up started
+  gproc-deploy up 1 80 --check           what up would do, changing nothing
+  gproc-deploy rollback                  the previous artifact again, rack by rack
 
 Every host ends as ok (nothing to do), changed (what was done), failed, unreachable or
 skipped (not touched, and why), then a recap line counts them.
