@@ -111,11 +111,11 @@ class Progress:
 
 
 class SshDeployer:
-    def __init__(self, locale: Locale, settings: Settings, state: Path, say: Say = print):
+    def __init__(self, locale: Locale, settings: Settings, state: Path, say: Say | None = None):
         self.locale = locale
         self.s = settings
         self.state = state
-        self.say = say
+        self.say = say or (lambda line: print(line, flush=True))  # lines as they happen
         self.daemons = LocalDaemons(state)
         self.results: dict[str, Result] = {}
         self.uploaded = 0
@@ -463,9 +463,8 @@ class SshDeployer:
         for start in range(0, len(racks), self.s.serial):
             batch = [m for r in racks[start : start + self.s.serial] for m in below[r.name]]
             names = [h.name for h in batch]
-            self.say(f"rolling: {fold(names)}")
             t = time.monotonic()
-            self._drain(names)
+            self._drain(names, f"rolling: {fold(names)}")
             self.stop_hosts(batch, record=False)
             self.start_levels(batch)
             self._ask(names, False)
@@ -477,9 +476,8 @@ class SshDeployer:
                     self.results.setdefault(h.name, Result(SKIPPED, "not touched: rollout stopped"))
                 return
         names = [h.name for h in hosts]
-        self.say("rolling: the master")
         t = time.monotonic()
-        self._drain(names)
+        self._drain(names, "rolling: the master")
         self.daemons.stop(["master"])
         self.start_master(hosts)
         late = wait_registered(self.s.uds, names, self.s.register_timeout)
@@ -488,9 +486,12 @@ class SshDeployer:
         self.refused = max(self.refused, time.monotonic() - t)
         self.say(f"rolling: done; the longest any node refused new jobs: {self.refused:.1f}s")
 
-    def _drain(self, names: list[str]) -> None:
-        """New jobs leave ``names`` out; wait up to --drain-timeout for the running ones."""
+    def _drain(self, names: list[str], what: str) -> None:
+        """New jobs leave ``names`` out (said once the master has it); wait up to
+        --drain-timeout for the running ones."""
         deadline = time.monotonic() + self.s.drain_timeout
+        busy = self._ask(names, True)
+        self.say(f"{what}: drained, {len(busy)} jobs still running there")
         while busy := self._ask(names, True):
             if time.monotonic() >= deadline:
                 self.say(f"rolling: {len(busy)} jobs still running after the drain; restarting")

@@ -293,7 +293,7 @@ def test_a_rolling_upgrade_keeps_the_tree_serving(bare_cluster):
     wait_until(lambda: rack4.saying("started") | rack1.saying("started"), 120, "both jobs",
                lambda s: s == names(1, 20) | names(61, 80))  # fmt: skip
     rolling = Deploying(bare_cluster, SITE2, *UP, "--drain-timeout", "120")
-    rolling.until("rolling: kn[1-20]")
+    rolling.until("rolling: kn[1-20]: drained")
     refused = gproc(bare_cluster, "e", "1/.", "/bin/true")
     assert refused.status == 1 and "draining: gproc-deploy is upgrading it" in refused.err
     res = rolling.finish()
