@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -223,7 +223,7 @@ class SshDeployer:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         pyz = self.artifacts / f"{digest}.pyz"
         if not pyz.exists():
-            os.replace(built, pyz)
+            shutil.copyfile(built, pyz)
         return pyz, digest
 
     def adopt(self, digest: str) -> None:
