@@ -5,8 +5,9 @@
 Brings up the cluster named ``gproc`` with ``--no-daemons`` (containers and sshd only;
 replacing a cluster of that name), then runs ``gproc-deploy up 1 N --locale kane`` on the
 front-end twice, then a rolling upgrade to a second artifact while jobs keep running. For
-each run: its wall time measured inside the front-end (what a user there waits), the bytes the front-end sent (its eth0 transmit counter: artifact, key, SSH
-handshakes and commands), and how many hosts got the artifact. gproc-deploy reports no
+each run: its wall time measured inside the front-end (what a user there waits), the bytes
+the front-end sent (its eth0 transmit counter: artifact, key, SSH handshakes and commands),
+and how many hosts got the artifact. gproc-deploy reports no
 per-host timings, so the slowest host is read from the nodes' own files: the time the
 artifact's hash file was written (end of its upload) and the time the daemon's pid file was
 written (its start), relative to the start of the run; containers share the host's clock.
