@@ -284,7 +284,12 @@ def test_exported_environment(shared: Tree) -> None:
 
 
 class WithOwnPasswd(LocalTree):
-    """Starts chosen nodes in their own mount namespace, seeing their own /etc/passwd."""
+    """Starts chosen nodes in their own mount namespace, seeing their own /etc.
+
+    The whole of /etc is a copy with that node's passwd: a mount on /etc/passwd itself would
+    be dropped (Linux detaches mounts on a file renamed over in another namespace) the
+    moment another test's useradd replaced the host's /etc/passwd.
+    """
 
     passwd: dict[str, Path] = {}
 
@@ -293,8 +298,11 @@ class WithOwnPasswd(LocalTree):
         node = f"n{mode[1]}" if mode[:1] == ("-myId",) else None
         if node not in self.passwd:
             return argv
-        mount = 'mount --bind "$0" /etc/passwd && exec "$@"'
-        return ["unshare", "--mount", "sh", "-c", mount, str(self.passwd[node]), *argv]
+        etc = self.passwd[node].with_suffix(".etc")
+        shutil.copytree("/etc", etc, symlinks=True, dirs_exist_ok=True)
+        shutil.copyfile(self.passwd[node], etc / "passwd")
+        mount = 'mount --bind "$0" /etc && exec "$@"'
+        return ["unshare", "--mount", "sh", "-c", mount, str(etc), *argv]
 
 
 def test_a_user_unknown_on_one_node_fails_there_only(
