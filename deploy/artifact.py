@@ -15,10 +15,12 @@ import hashlib
 import importlib
 import importlib.resources
 import io
+import sys
 import tempfile
 import zipfile
 from importlib.abc import Traversable
 from pathlib import Path
+from types import ModuleType
 
 import gproc
 import gproc.deploy
@@ -42,7 +44,20 @@ def _stage(into: Path) -> None:
     for sub, module in (("locales", gproc.locales), ("deploy", gproc.deploy)):
         _copy(importlib.resources.files(module), into / "gproc" / sub)
     for name in VENDORED:
-        _copy(importlib.resources.files(importlib.import_module(name)), into / "_vendor" / name)
+        _copy(importlib.resources.files(_vendored(name)), into / "_vendor" / name)
+
+
+def _vendored(name: str) -> ModuleType:
+    """A vendored package: installed, or else the copy an unpacked artifact carries beside
+    gproc (a deployer run from an artifact, as the harness's front-end does)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        beside = Path(gproc.__file__).resolve().parent.parent / "_vendor"
+        if not (beside / name).is_dir():
+            raise
+        sys.path.append(str(beside))
+        return importlib.import_module(name)
 
 
 def _copy(src: Traversable, dest: Path) -> None:
