@@ -48,6 +48,10 @@ log = logging.getLogger("gproc.master")
 Checked = tuple[JobHeader, nodespec.Spec, list[Entry], list[str], list[str]]
 
 CLIENT_HELLO_TIMEOUT = 30
+# A client's signals are relayed at most this often: each one is a frame on every link of its
+# job and a kill() on every node, so a client sending them as fast as it can write would
+# hold up every other job in the tree (signals of one kind do not queue in the kernel anyway).
+SIGNAL_INTERVAL = 0.01
 
 
 class MasterRunning(GprocError):
@@ -245,6 +249,7 @@ class Master:
                 raise ConnectionResetError("client closed before sending every file byte")
             if type(frame) is Signal:
                 job.signal(frame.signum)
+                await asyncio.sleep(SIGNAL_INTERVAL)
                 continue
             if type(frame) is not Data:
                 raise ProtocolError(f"expected file data, got a {type(frame).__name__} frame")
@@ -270,6 +275,7 @@ class Master:
                     return
                 if type(frame) is Signal:
                     job.signal(frame.signum)
+                    await asyncio.sleep(SIGNAL_INTERVAL)
                 elif type(frame) is Input and job.header.stdin:
                     await job.forward_input(frame.data)
                 else:

@@ -12,11 +12,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port_block, wait_until
+from conftest import assert_clean_logs, free_port_block, start_tree, wait_until
 from test_users import Place, User, place, users
 
 FIXTURES = (place, users)  # test_users' module fixtures: two users, a site they can run
@@ -108,3 +109,96 @@ def test_a_bin_root_root_made_in_a_sticky_directory_is_fine(sticky: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- a flood of signals
+
+COUNT_SIGNALS = """
+import os, signal, sys, time
+got = 0
+def count(signum, frame):
+    global got
+    got += 1
+signal.signal(signal.SIGUSR1, count)
+print("up", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+print(got, flush=True)
+"""
+
+FLOOD = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from gproc import client
+from gproc.protocol import Done, Need, Out, Signal, frame_bytes
+
+uds, python, counter, go = sys.argv[2:6]
+opts = client.ExecOptions(
+    spec="./.", argv=[python, "-c", counter, go], uds=uds, localbin=True, export="NONE"
+)
+header, manifest = client.build_job(opts)
+conn = client.connect(uds)
+conn.send(header)
+sender, up = client.Sender(conn, manifest), 0
+while up < 8:
+    frame = conn.recv()
+    if type(frame) is Need:
+        sender.start(frame.files)
+    elif type(frame) is Out:
+        up += 1
+print("flooding", flush=True)
+one = frame_bytes(Signal("", 10))
+
+def flood():
+    try:
+        while True:
+            conn.sock.sendall(one * 100)
+    except OSError:
+        pass
+
+threading.Thread(target=flood, daemon=True).start()
+while type(frame := conn.recv()) is not Done:
+    if type(frame) is Out:
+        print(frame.node, frame.data.decode().strip(), flush=True)
+"""
+
+
+def test_a_flood_of_signals_is_relayed_at_a_bounded_rate(
+    place: Place, users: tuple[User, User, str]
+) -> None:
+    """Signals a client passes on cost a frame on every link of its job and a kill() on every
+    node: a client writing them as fast as it can held up everybody's jobs for tens of seconds
+    on the local tree. The master now relays at most one every 10 ms per job."""
+    b = users[1]
+    t = start_tree(Path(tempfile.mkdtemp(dir=place.root)), nodes=8, allow="all")
+    go = place.root / f"go-{os.urandom(4).hex()}"
+    try:
+        os.chmod(t.root, 0o755)
+        flooder = subprocess.Popen(
+            [place.python, "-s", "-c", FLOOD, str(place.site), t.uds, place.python]
+            + [COUNT_SIGNALS, str(go)],
+            user=b.uid,
+            group=b.gid,
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert flooder.stdout.readline().strip() == "flooding", flooder.stderr.read()
+        began = time.monotonic()
+        wait_until(lambda: time.monotonic() - began > 3, 10, "three seconds of flood")
+        go.touch()
+        out, err = flooder.communicate(timeout=60)
+        seconds = time.monotonic() - began
+        counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
+        assert set(counts) == {f"n{i}" for i in range(1, 9)}, out + err
+        most = seconds * 100 + 10  # gproc.master.SIGNAL_INTERVAL: 10 ms
+        assert all(n <= most for n in counts.values()), f"{counts} in {seconds:.1f}s"
+        other = time.monotonic()
+        r = t.gproc("e", "./.", "/bin/true")
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - other < 10, "nothing of the flood is left to hold up others"
+    finally:
+        go.unlink(missing_ok=True)
+        t.launcher.down()
+    assert_clean_logs(t)
