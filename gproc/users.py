@@ -143,7 +143,8 @@ def resolve(name: str, uid: int, gid: int, node: str) -> RunAs:
     """The job's user as this node knows it; UserRefused when it must not run here.
 
     The name is looked up here (NSS) and must have the uid the front-end gave: a different
-    uid is a different person, and a job never runs as anyone but its own user.
+    uid is a different person, and a job never runs as anyone but its own user. The gid the
+    front-end gave (the client's, from the kernel) must be one of the user's groups here too.
     """
     if not name:
         raise UserRefused("the job carries no user (a master older than this node?)")
@@ -162,11 +163,20 @@ def resolve(name: str, uid: int, gid: int, node: str) -> RunAs:
             f"the daemon on {node} runs as {describe(me)}, not root, so it runs only its own "
             f"user's jobs, not {name}'s"
         )
-    try:
-        groups = tuple(os.getgrouplist(name, gid))
-    except OSError:
-        groups = (gid,)
+    if uid != 0 and gid != pw.pw_gid and gid not in _groups_of(name, pw.pw_gid):
+        raise UserRefused(
+            f"group {gid} is not one of {name}'s groups on {node} (the front-end gave that "
+            "group); the job does not run with a group its user lacks here"
+        )
+    groups = _groups_of(name, gid)
     return RunAs(name, uid, gid, groups, pw.pw_dir or "/", pw.pw_shell or "/bin/sh")
+
+
+def _groups_of(name: str, gid: int) -> tuple[int, ...]:
+    try:
+        return tuple(os.getgrouplist(name, gid))
+    except OSError:
+        return (gid,)
 
 
 def drop_to(user: RunAs) -> None:

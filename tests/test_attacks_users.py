@@ -7,6 +7,7 @@ Python. They need root and the shadow tools; they skip, saying so, where either 
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import subprocess
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_clean_logs, free_port_block, start_tree, wait_until
-from test_users import Place, User, place, users
+from test_users import Place, User, as_user, lines_of, place, users
+
+from gproc.deploy.local import LocalTree
 
 FIXTURES = (place, users)  # test_users' module fixtures: two users, a site they can run
 
@@ -200,5 +203,70 @@ def test_a_flood_of_signals_is_relayed_at_a_bounded_rate(
         assert time.monotonic() - other < 10, "nothing of the flood is left to hold up others"
     finally:
         go.unlink(missing_ok=True)
+        t.launcher.down()
+    assert_clean_logs(t)
+
+
+# ---------------------------------------------------------------- the group a job runs with
+
+
+class WithOwnGroups(LocalTree):
+    """Starts chosen nodes in their own mount namespace, seeing their own /etc/group."""
+
+    group: dict[str, Path] = {}
+
+    def _gproc(self, *mode: str) -> list[str]:
+        argv = super()._gproc(*mode)
+        node = f"n{mode[1]}" if mode[:1] == ("-myId",) else None
+        if node not in self.group:
+            return argv
+        mount = 'mount --bind "$0" /etc/group && exec "$@"'
+        return ["unshare", "--mount", "sh", "-c", mount, str(self.group[node]), *argv]
+
+
+def test_a_group_the_user_lacks_on_a_node_is_refused_there(
+    place: Place, users: tuple[User, User, str]
+) -> None:
+    """The master stamps the client's gid (from the kernel) into the job, and nodes used to
+    take it as it came: a user in group G on the front-end (after newgrp G, say) ran with G on
+    a node whose own group database does not make her a member, as a uid that is someone
+    else's there would have run before the uid was checked. Now that node refuses, saying
+    why; nodes where she is in G run the job with G."""
+    a, _, group = users
+    gid = grp.getgrnam(group).gr_gid
+    lines = Path("/etc/group").read_text().splitlines(keepends=True)
+    without = place.root / "group-without-a"
+    without.write_text(
+        "".join(f"{group}:x:{gid}:\n" if line.startswith(f"{group}:") else line for line in lines)
+    )
+
+    class Launcher(WithOwnGroups):
+        group = {"n3": without}
+
+    t = start_tree(Path(tempfile.mkdtemp(dir=place.root)), allow="all", launcher=Launcher)
+    try:
+        os.chmod(t.root, 0o755)
+        code = (
+            f"import sys; sys.path.insert(0, {str(place.site)!r}); "
+            "from gproc.cli import main; sys.exit(main())"
+        )
+        r = subprocess.run(
+            [place.python, "-s", "-c", code, *t.switches(), "e", "./.", "/usr/bin/id", "-g"],
+            user=a.uid,
+            group=gid,  # as after 'newgrp G' on the front-end, where a is in G
+            extra_groups=[a.gid, gid],
+            cwd=a.home,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 126, r.stdout + r.stderr
+        assert lines_of(r.stdout) == {f"n{i}": str(gid) for i in range(1, 9) if i != 3}
+        errors = lines_of(r.stderr)
+        assert f"group {gid} is not one of {a.name}'s groups on n3" in errors["n3"], r.stderr
+        mine = as_user(a, place, *t.switches(), "e", "./.", "/usr/bin/id", "-g")
+        assert mine.returncode == 0, mine.stderr
+        assert set(lines_of(mine.stdout).values()) == {str(a.gid)}, "her own group: everywhere"
+    finally:
         t.launcher.down()
     assert_clean_logs(t)
