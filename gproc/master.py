@@ -13,10 +13,12 @@ client that goes away before its job is done has its job killed on every node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import socket
 import time
 
@@ -52,6 +54,10 @@ CLIENT_HELLO_TIMEOUT = 30
 # job and a kill() on every node, so a client sending them as fast as it can write would
 # hold up every other job in the tree (signals of one kind do not queue in the kernel anyway).
 SIGNAL_INTERVAL = 0.01
+# One user (root apart) may hold at most this share of the master's file descriptors in client
+# connections, which last as long as their jobs: else one user could take them all, and the
+# master could accept nobody else (nor open the user database to look the next client up).
+USER_FD_SHARE = 16
 
 
 class MasterRunning(GprocError):
@@ -78,6 +84,9 @@ class Master:
         self.allow = allow or users.Allow()
         self.hop = Hop(name, 0, key, heartbeat=heartbeat)
         self.uds_server: asyncio.base_events.Server | None = None
+        self.fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.per_user = max(8, self.fds // USER_FD_SHARE)
+        self.clients: collections.Counter[int] = collections.Counter()  # connections by uid
 
     def tree(self) -> Tree:
         return {
@@ -157,8 +166,20 @@ class Master:
     @connection_handler(log)
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer, limit=MAX_FRAME)
+        peer = None
         try:
             peer = users.peer_of(writer.get_extra_info("socket"))
+            self.clients[peer.uid] += 1
+            if peer.uid != 0 and self.clients[peer.uid] > self.per_user:
+                log.warning("client pid %d refused: uid %d is at its limit", peer.pid, peer.uid)
+                await conn.send(
+                    Error(
+                        f"{users.describe(peer.uid)} already has {self.per_user} connections "
+                        f"to this master, the most one user may hold (1/{USER_FD_SHARE} of its "
+                        f"{self.fds} file descriptors); wait for some of those jobs to end"
+                    )
+                )
+                return
             name = users.user_name(peer.uid)
             refusal = (
                 f"uid {peer.uid} has no name in this front-end's user database, so no node "
@@ -187,7 +208,13 @@ class Master:
         except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
             log.warning("client dropped: %s", e or type(e).__name__)
         finally:
-            await conn.close(grace=None)  # every byte of output reaches the reader
+            try:
+                await conn.close(grace=None)  # every byte of output reaches the reader
+            finally:
+                if peer is not None:  # its descriptor is closed only now
+                    self.clients[peer.uid] -= 1
+                    if not self.clients[peer.uid]:
+                        del self.clients[peer.uid]
 
     async def _job(self, conn: Conn, header: JobHeader) -> None:
         checked = await self._check(conn, header)

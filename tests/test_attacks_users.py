@@ -270,3 +270,77 @@ def test_a_group_the_user_lacks_on_a_node_is_refused_there(
     finally:
         t.launcher.down()
     assert_clean_logs(t)
+
+
+# ---------------------------------------------------------------- a user holding every fd
+
+MASTER_FDS = 256  # as a master started with a low limit (systemd's default soft limit: 1024)
+
+
+class FewFds(LocalTree):
+    """Starts the master with MASTER_FDS file descriptors."""
+
+    def _gproc(self, *mode: str) -> list[str]:
+        argv = super()._gproc(*mode)
+        if mode != ("m",):
+            return argv
+        return ["sh", "-c", f'ulimit -n {MASTER_FDS} && exec "$@"', "sh", *argv]
+
+
+HOLD = """
+import select, socket, sys, time
+held, said, start = [], False, time.monotonic()
+while True:  # every connection the master takes, and a full backlog, for as long as it runs
+    if not said and time.monotonic() > start + 3:
+        print("holding", len(held), flush=True)
+        said = True
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    try:
+        s.connect(sys.argv[1])  # and never a word: a job's connection may last as long
+    except BlockingIOError:
+        s.close()
+        time.sleep(0.01)
+        continue
+    held.append(s)
+    closed, _, _ = select.select(held, [], [], 0)  # refused: let go, try again
+    for c in closed:
+        held.remove(c)
+        c.close()
+    if closed:
+        time.sleep(0.01)
+"""
+
+
+def test_one_user_cannot_hold_every_connection_of_the_master(
+    place: Place, users: tuple[User, User, str]
+) -> None:
+    """Each client connection is a file descriptor of the master, held for as long as the
+    client's job runs; one user holding all of them (300 idle connections here, or 300
+    long jobs) left the master unable to accept anybody else's. Now one user (root apart)
+    may hold at most a sixteenth of the master's descriptors, and is told so beyond."""
+    a, b, _ = users
+    t = start_tree(Path(tempfile.mkdtemp(dir=place.root)), nodes=4, allow="all", launcher=FewFds)
+    hog = None
+    try:
+        os.chmod(t.root, 0o755)
+        hog = subprocess.Popen(
+            [place.python, "-c", HOLD, t.uds],
+            user=b.uid,
+            group=b.gid,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert hog.stdout.readline().startswith("holding"), "b's connections are made"
+        r = as_user(a, place, *t.switches(), "i")  # timeout: 60 s
+        assert r.returncode == 0, r.stderr
+        assert "4 nodes below master: 4 up" in r.stdout, r.stdout
+        more = as_user(b, place, *t.switches(), "i")
+        assert more.returncode == 1, more.stdout
+        assert f"uid {b.uid} ({b.name}) already has" in more.stderr, more.stderr
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        t.launcher.down()
+    assert_clean_logs(t)
