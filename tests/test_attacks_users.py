@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_logs, free_port_block, start_tree, wait_until
+from conftest import Tree, assert_clean_logs, free_port_block, start_tree, wait_until
 from test_users import Place, User, as_user, lines_of, place, users
 
 from gproc.deploy.local import LocalTree
@@ -343,4 +343,101 @@ def test_one_user_cannot_hold_every_connection_of_the_master(
             hog.kill()
             hog.wait()
         t.launcher.down()
+    assert_clean_logs(t)
+
+
+# ---------------------------------------------------------------- gproc cp's placement
+
+
+def test_cp_places_files_only_where_its_user_may(
+    place: Place, users: tuple[User, User, str], shared_tree: Tree
+) -> None:
+    """The placement program runs as the job's user on each node, not as the root daemon."""
+    a = users[0]
+    closed = Path(tempfile.mkdtemp(dir=place.root))  # root's, 0700
+    source = Path(a.home) / "mine.txt"
+    source.write_text("mine\n")
+    os.chown(source, a.uid, a.gid)
+    try:
+        r = as_user(a, place, *shared_tree.switches(), "cp", "./.", str(source), f"{closed}/")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "Permission denied" in r.stderr, r.stderr
+        assert list(closed.iterdir()) == [], "nothing placed in root's directory"
+    finally:
+        source.unlink()
+        closed.rmdir()
+
+
+PLANT = """
+import os, sys
+shared, victim, first, top = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for pid in range(first, first + 4000):  # the names the placement's next processes would use
+    os.symlink(victim, os.path.join(shared, f".dest.gproc-{pid % top}"))
+print("planted", flush=True)
+"""
+
+
+def test_cp_never_writes_through_a_name_planted_in_the_destination(
+    place: Place, users: tuple[User, User, str], shared_tree: Tree
+) -> None:
+    """In a directory others may write (a project's, without the sticky bit), the placement
+    wrote each file to ``.NAME.gproc-PID`` first, following whatever was there: another user
+    who planted symlinks at the coming pids had a's copy overwrite any file of a's (her
+    ~/.bashrc here) and left the symlink as the destination. Temporary names are now random
+    and created new (O_EXCL, O_NOFOLLOW)."""
+    a, b, _ = users
+    shared = Path(tempfile.mkdtemp(dir=place.root))
+    shared.chmod(0o777)
+    victim = Path(a.home) / ".bashrc-precious"
+    victim.write_text("precious\n")
+    os.chown(victim, a.uid, a.gid)
+    source = Path(a.home) / "copied.txt"
+    source.write_text("copied\n")
+    os.chown(source, a.uid, a.gid)
+    try:
+        first = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+        top = int(Path("/proc/sys/kernel/pid_max").read_text())
+        plant = subprocess.run(
+            [place.python, "-c", PLANT, str(shared), str(victim), str(first), str(top)],
+            user=b.uid,
+            group=b.gid,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert plant.stdout.strip() == "planted", plant.stderr
+        r = as_user(a, place, *shared_tree.switches(), "cp", "1", str(source), f"{shared}/dest")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert victim.read_text() == "precious\n", "a's own file is untouched"
+        assert not (shared / "dest").is_symlink(), "the destination is the copy, not b's link"
+        assert (shared / "dest").read_text() == "copied\n"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        victim.unlink()
+        source.unlink()
+
+
+class EveryonesPython(LocalTree):
+    """Daemons run by a Python every user may run, as on a node whose gproc uses the system's:
+    gproc cp's placement runs the daemon's Python as the job's user."""
+
+    python = ""
+    site = ""
+
+    def _gproc(self, *mode: str) -> list[str]:
+        argv = super()._gproc(*mode)
+        return ["env", f"PYTHONPATH={self.site}", self.python, "-s", *argv[1:]]
+
+
+@pytest.fixture(scope="module")
+def shared_tree(place: Place, users: tuple[User, User, str]) -> Iterator[Tree]:
+    """An 8-node tree run by root that every local user may use (-allow all)."""
+
+    class Launcher(EveryonesPython):
+        python, site = place.python, str(place.site)
+
+    t = start_tree(Path(tempfile.mkdtemp(dir=place.root)), allow="all", launcher=Launcher)
+    os.chmod(t.root, 0o755)
+    yield t
+    t.launcher.down()
     assert_clean_logs(t)
