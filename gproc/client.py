@@ -180,6 +180,20 @@ class BlockingConn:
         with self.sending:
             self.sock.sendall(data)
 
+    def send_first(self, frame: Frame) -> None:
+        """The first frame; a master that refused us at once may have closed before it
+        arrived, having said why: that reason, not a broken pipe, is the error."""
+        try:
+            self.send(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            try:
+                reply = self.recv()
+            except (OSError, ProtocolError):
+                reply = None
+            if type(reply) is Error:
+                raise ClientError(reply.message) from None
+            raise
+
     def recv(self) -> Frame | None:
         """The next frame, or None on a clean end of stream between frames."""
         head = self.rfile.read(4)
@@ -234,7 +248,7 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     conn = connect(opts.uds)
     sender = Sender(conn, manifest, sys.stdin.buffer if opts.stdin else None)
     try:
-        conn.send(header)
+        conn.send_first(header)
         with Forwarder(conn):
             _follow(conn, printer, sender)
     except BrokenPipeError:
@@ -366,7 +380,7 @@ def fetch_info(uds: str) -> TreeReply:
     """The tree and the running jobs, as the master sees them."""
     conn = connect(uds)
     try:
-        conn.send(Info())
+        conn.send_first(Info())
         reply = conn.recv()
     finally:
         conn.close()
