@@ -129,13 +129,14 @@ class Master:
         os.chmod(self.uds, self.allow.mode)
 
     def _claim_path(self) -> None:
-        """Make the socket's directory if needed; remove a stale socket of ours, nobody else's.
+        """Make the socket's directory if needed (only root or we may change it, else the
+        chmod below could be pointed elsewhere); remove a stale socket of ours, nobody else's.
 
         In a directory others can write (``/tmp``), anyone may create the path first and wait
         for clients: a path another user holds is refused, naming that user.
         """
         directory = os.path.dirname(os.path.abspath(self.uds))
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        users.claim_dir(directory, "-defaultMasterUDS")  # else its owner could swap the socket
         try:
             st = os.lstat(self.uds)
         except FileNotFoundError:

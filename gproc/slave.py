@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import sys
 import time
 from collections.abc import Coroutine
@@ -26,7 +25,6 @@ from typing import Any
 from gproc import copying, nodespec, sandbox, users
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
-from gproc.errors import GprocError
 from gproc.protocol import (
     BadJob,
     Bye,
@@ -544,7 +542,7 @@ class Slave:
     async def run(self) -> None:
         """Serve children, join the parent, relay jobs until the parent goes away."""
         for directory in (self.node.bin_root, self.node.stage_root, self.node.cache_root):
-            await asyncio.to_thread(claim_dir, directory)
+            await asyncio.to_thread(users.claim_dir, directory, "-binRoot")
         await asyncio.to_thread(_empty, self.node.stage_root)  # a killed predecessor's leftovers
         if self.node.cache_bytes > 0:
             root, size = Path(self.node.cache_root), self.node.cache_bytes
@@ -660,53 +658,6 @@ class Slave:
         """Tell the parent which files this subtree lacks, once every child has said so."""
         files = await job.needs()
         conn.send_nowait(Need(job.jid, sorted(files)))
-
-
-class UnsafeDir(GprocError):
-    """binRoot, or the staging or cache directory beside it, is another user's to change."""
-
-
-def claim_dir(path: str) -> None:
-    """Make ``path`` if needed, then check that nobody but root or this daemon's user can
-    change where it leads: every directory on the way (as named and as resolved) belongs to
-    one of them and is writable by nobody else unless sticky (as /tmp), and ``path`` itself
-    is a directory, not a symlink.
-
-    The daemon writes a job's files as root under these directories and then hands the
-    staging tree to the job's user; a user who could rename or replace anything on the way
-    (say, by creating /tmp/xproc before the daemon first ran) could point those writes, and
-    that hand-over, at any directory of the node.
-    """
-    absolute = os.path.abspath(path)
-    there = absolute
-    while not os.path.lexists(there):
-        there = os.path.dirname(there)
-    _check_chain(path, there)  # before anything is made in it
-    os.makedirs(absolute, mode=0o755, exist_ok=True)
-    _check_chain(path, absolute)
-    if not stat.S_ISDIR(os.lstat(absolute).st_mode):
-        raise UnsafeDir(_unsafe(path, absolute, "is a symlink, not a directory"))
-
-
-def _check_chain(path: str, end: str) -> None:
-    me = os.geteuid()
-    for chain in (end, os.path.realpath(end)):
-        step = "/"
-        for part in [""] + chain.strip("/").split("/"):
-            step = os.path.join(step, part)
-            st = os.lstat(step)
-            if st.st_uid not in (0, me):
-                raise UnsafeDir(_unsafe(path, step, f"belongs to {users.describe(st.st_uid)}"))
-            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & 0o1000:
-                raise UnsafeDir(_unsafe(path, step, "is writable by other users and not sticky"))
-
-
-def _unsafe(path: str, step: str, why: str) -> str:
-    return (
-        f"{step} {why}: another user could redirect what this daemon writes as "
-        f"{users.describe(os.geteuid())} under {path}; remove it (as root) or give -binRoot "
-        "a path whose every directory only root can change (such as /var/lib/gproc/xproc)"
-    )
 
 
 def _empty(directory: str) -> None:

@@ -14,6 +14,7 @@ import grp
 import os
 import pwd
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -202,3 +203,57 @@ def give_tree(root: str, user: RunAs) -> None:
             os.lchown(os.path.join(top, name), user.uid, user.gid)
     os.chown(root, user.uid, user.gid)
     os.chmod(root, 0o700)
+
+
+# ---------------------------------------------------------------- places root writes
+
+
+class UnsafeDir(GprocError):
+    """A directory a daemon writes in (binRoot and beside it, the socket's) is another
+    user's to change."""
+
+
+def claim_dir(path: str, switch: str) -> None:
+    """Make ``path`` if needed, then check that nobody but root or this daemon's user can
+    change where it leads: every directory on the way (as named and as resolved) belongs to
+    one of them and is writable by nobody else unless sticky (as /tmp), and ``path`` itself
+    is a directory, not a symlink.
+
+    A slave writes a job's files as root beside binRoot and then hands the staging tree to
+    the job's user; the master makes its socket and sets its mode. A user who could rename or
+    replace anything on the way (say, by creating /tmp/xproc before the daemon first ran)
+    could point those writes, that hand-over or that chmod at any file of the machine.
+    ``switch`` names the option that gave the path, for the message.
+    """
+    absolute = os.path.abspath(path)
+    there = absolute
+    while not os.path.lexists(there):
+        there = os.path.dirname(there)
+    _check_chain(path, there, switch)  # before anything is made in it
+    os.makedirs(absolute, mode=0o755, exist_ok=True)
+    _check_chain(path, absolute, switch)
+    if not stat.S_ISDIR(os.lstat(absolute).st_mode):
+        raise UnsafeDir(_unsafe(path, switch, absolute, "is a symlink, not a directory"))
+
+
+def _check_chain(path: str, end: str, switch: str) -> None:
+    me = os.geteuid()
+    for chain in (end, os.path.realpath(end)):
+        step = "/"
+        for part in [""] + chain.strip("/").split("/"):
+            step = os.path.join(step, part)
+            st = os.lstat(step)
+            if st.st_uid not in (0, me):
+                raise UnsafeDir(_unsafe(path, switch, step, f"belongs to {describe(st.st_uid)}"))
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & 0o1000:
+                raise UnsafeDir(
+                    _unsafe(path, switch, step, "is writable by other users and not sticky")
+                )
+
+
+def _unsafe(path: str, switch: str, step: str, why: str) -> str:
+    return (
+        f"{step} {why}: another user could redirect what this daemon writes as "
+        f"{describe(os.geteuid())} under {path}; remove it (as root) or give {switch} "
+        "a path whose every directory only root can change (such as one under /var/lib/gproc)"
+    )

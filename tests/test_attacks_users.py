@@ -97,6 +97,31 @@ def test_a_node_refuses_a_bin_root_another_user_can_swap(
     assert "n1.cache is a symlink, not a directory" in err, err
 
 
+def test_the_master_refuses_a_socket_directory_another_user_owns(
+    sticky: Path, users: tuple[User, User, str]
+) -> None:
+    """The master binds its socket, then chowns and chmods it by name (0666 for -allow all):
+    in a directory another user owns (/tmp/gproc/ made by her first), she could swap the name
+    for a symlink between the bind and the chmod and have root make any file 0666, or
+    replace the socket later. The master now refuses such a directory, naming its owner."""
+    b = users[1]
+    squatted = sticky / "gproc"
+    squatted.mkdir()
+    os.chown(squatted, b.uid, b.gid)
+    port = free_port_block(1)
+    r = subprocess.run(
+        [sys.executable, "-m", "gproc", "-key", str(sticky / "key"), "-cmdport", str(port)]
+        + ["-allow", "all", "-defaultMasterUDS", str(squatted / "sock"), "m"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1, r.stderr
+    assert f"{squatted} belongs to uid {b.uid} ({b.name})" in r.stderr, r.stderr
+    assert "-defaultMasterUDS" in r.stderr
+    assert list(squatted.iterdir()) == [], "no socket made in her directory"
+
+
 def test_a_bin_root_root_made_in_a_sticky_directory_is_fine(sticky: Path) -> None:
     """/tmp/xproc made by root (the default) stays usable: /tmp is sticky."""
     proc = start_slave(sticky, sticky / "xproc")
