@@ -419,12 +419,23 @@ def format_tree(tree: Tree) -> str:
     return "\n".join(lines)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): what users name their
+    programs is shown to every user, and must neither add lines nor reach their terminals."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_jobs(jobs: list[list[object]]) -> str:
     """The running jobs as a table (who runs what, where, for how long)."""
     if not jobs:
         return "no jobs running"
     table = [("JOB", "USER", "PROGRAM", "NODES", "SECONDS")]
-    table += [(str(j), str(u), str(p), str(s) or "-", str(t)) for j, u, p, s, t in jobs]
+    table += [
+        (str(j), printable(str(u)), printable(str(p)), printable(str(s)) or "-", str(t))
+        for j, u, p, s, t in jobs
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]

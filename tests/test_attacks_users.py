@@ -466,3 +466,37 @@ def shared_tree(place: Place, users: tuple[User, User, str]) -> Iterator[Tree]:
     yield t
     t.launcher.down()
     assert_clean_logs(t)
+
+
+# ---------------------------------------------------------------- what others see of a job
+
+
+def test_a_program_name_cannot_forge_rows_in_the_jobs_list(
+    place: Place, users: tuple[User, User, str], shared_tree: Tree
+) -> None:
+    """'gproc i -jobs' shows every user the running jobs' program names, which are the
+    names their users gave: b's program, named with a newline and a made-up row, printed a
+    job of a's that did not exist (and escape sequences went to a's terminal as they were).
+    Control characters are now shown escaped, so each job is one line."""
+    a, b, _ = users
+    forged = f"sleep\n0123456789ab  {a.name}  rm  .  1\x1b]0;owned\x07"
+    link = Path(b.home) / forged
+    link.symlink_to("/bin/sleep")
+    os.lchown(link, b.uid, b.gid)
+    job = as_user(b, place, *shared_tree.switches(), "e", "1", str(link), "60", popen=True)
+    try:
+
+        def listed() -> str | None:
+            r = as_user(a, place, *shared_tree.switches(), "i", "-jobs")
+            return r.stdout if b.name in r.stdout else None
+
+        table = wait_until(listed, 30, "b's job in the list")
+        rows = table.splitlines()
+        assert len(rows) == 2, table
+        assert rows[1].split()[1] == b.name, "one row, b's; none of a's"
+        assert "\x1b" not in table and "\x07" not in table, "no escape reaches a's terminal"
+        assert "sleep\\n0123456789ab" in rows[1], rows[1]
+    finally:
+        job.kill()
+        job.communicate()
+        link.unlink()
