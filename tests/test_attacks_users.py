@@ -500,3 +500,34 @@ def test_a_program_name_cannot_forge_rows_in_the_jobs_list(
         job.kill()
         job.communicate()
         link.unlink()
+
+
+# ---------------------------------------------------------------- root's cleanup
+
+
+def test_root_removes_a_staging_tree_its_user_booby_trapped_and_nothing_else(
+    place: Place, users: tuple[User, User, str], shared_tree: Tree
+) -> None:
+    """A job's staging tree is its user's while the job runs, and root removes it after: the
+    links b's job leaves there (to root's directory, and to a's) are removed, not followed."""
+    a, b, _ = users
+    roots = Path(tempfile.mkdtemp(dir=place.root))  # root's, 0755, a file inside
+    (roots / "keep").write_text("root's\n")
+    theirs = Path(a.home) / "keep-a"
+    theirs.write_text("a's\n")
+    os.chown(theirs, a.uid, a.gid)
+    trap = (
+        f"ln -s {roots} up && ln -s {theirs} a && mkdir -p d/e && ln -s {roots} d/e/up "
+        f"&& ln -s / d/root && chmod 0 d && echo trapped"
+    )
+    try:
+        r = as_user(b, place, *shared_tree.switches(), "e", "./.", "/bin/sh", "-c", trap)
+        assert r.returncode == 0, r.stderr
+        assert set(lines_of(r.stdout).values()) == {"trapped"}, r.stdout
+        stages = [shared_tree.bin_root / f"n{i}.stage" for i in range(1, 9)]
+        wait_until(lambda: not any(any(s.iterdir()) for s in stages), 30, "staging removed")
+        assert (roots / "keep").read_text() == "root's\n"
+        assert theirs.read_text() == "a's\n"
+    finally:
+        shutil.rmtree(roots, ignore_errors=True)
+        theirs.unlink()
