@@ -531,3 +531,23 @@ def test_root_removes_a_staging_tree_its_user_booby_trapped_and_nothing_else(
     finally:
         shutil.rmtree(roots, ignore_errors=True)
         theirs.unlink()
+
+
+# ---------------------------------------------------------------- extreme timeouts
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e30"])
+def test_a_timeout_out_of_range_is_a_usage_error(value: str) -> None:
+    """-t and -u NaN or infinite ended the client in a traceback, and 1e30 reached the
+    master as a header it refuses: now all are usage errors naming the range."""
+    for switch in ("-t", "-u"):
+        r = subprocess.run(
+            [sys.executable, "-m", "gproc", "-defaultMasterUDS", "/nonexistent"]
+            + ["e", switch, value, "./.", "/bin/true"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 2, r.stderr
+        assert f"{switch} takes seconds (0 to 1099511627)" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
