@@ -393,6 +393,35 @@ def test_cp_places_files_only_where_its_user_may(
         closed.rmdir()
 
 
+def test_cp_works_for_users_when_the_daemons_python_is_roots_alone(
+    place: Place, users: tuple[User, User, str]
+) -> None:
+    """The placement execs a Python as the job's user: the daemon's own, here a virtualenv
+    whose interpreter sits in /root, failed every user's cp with "cannot start ...: Permission
+    denied". Such a node now runs its python3 from the standard PATH instead."""
+    path = Path(os.path.realpath(sys.executable))
+    if all(p.stat().st_mode & 0o001 for p in (path, *path.parents)):
+        pytest.skip(f"{sys.executable} is for everyone here: there is nothing to fall back from")
+    a = users[0]
+    t = start_tree(Path(tempfile.mkdtemp(dir=place.root)), nodes=4, allow="all")
+    dest = Path(tempfile.mkdtemp(dir=place.root))
+    os.chown(dest, a.uid, a.gid)
+    source = Path(a.home) / "tocopy.txt"
+    source.write_text("placed\n")
+    os.chown(source, a.uid, a.gid)
+    try:
+        os.chmod(t.root, 0o755)
+        r = as_user(a, place, *t.switches(), "cp", "./.", str(source), f"{dest}/")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (dest / "tocopy.txt").read_text() == "placed\n"
+        assert (dest / "tocopy.txt").stat().st_uid == a.uid, "placed as a"
+    finally:
+        t.launcher.down()
+        source.unlink()
+        shutil.rmtree(dest, ignore_errors=True)
+    assert_clean_logs(t)
+
+
 PLANT = """
 import os, sys
 shared, victim, first, top = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
