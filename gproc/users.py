@@ -216,8 +216,8 @@ class UnsafeDir(GprocError):
 def claim_dir(path: str, switch: str) -> None:
     """Make ``path`` if needed, then check that nobody but root or this daemon's user can
     change where it leads: every directory on the way (as named and as resolved) belongs to
-    one of them and is writable by nobody else unless sticky (as /tmp), and ``path`` itself
-    is a directory, not a symlink.
+    one of them and is writable by nobody else (but root's group or the daemon's own) unless
+    sticky (as /tmp), and ``path`` itself is a directory, not a symlink.
 
     A slave writes a job's files as root beside binRoot and then hands the staging tree to
     the job's user; the master makes its socket and sets its mode. A user who could rename or
@@ -245,7 +245,10 @@ def _check_chain(path: str, end: str, switch: str) -> None:
             st = os.lstat(step)
             if st.st_uid not in (0, me):
                 raise UnsafeDir(_unsafe(path, switch, step, f"belongs to {describe(st.st_uid)}"))
-            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & 0o1000:
+            others = st.st_mode & 0o002 or (
+                st.st_mode & 0o020 and st.st_gid not in (0, os.getegid())
+            )  # a group of root's, or the daemon's own (a user's private group), is trusted
+            if stat.S_ISDIR(st.st_mode) and others and not st.st_mode & 0o1000:
                 raise UnsafeDir(
                     _unsafe(path, switch, step, "is writable by other users and not sticky")
                 )

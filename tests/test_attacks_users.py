@@ -90,6 +90,12 @@ def test_a_node_refuses_a_bin_root_another_user_can_swap(
     err = refused(sticky, sticky / "xproc")
     assert f"{sticky / 'xproc'} is writable by other users and not sticky" in err, err
 
+    os.chown(sticky / "xproc", 0, grp.getgrnam(users[2]).gr_gid)
+    os.chmod(sticky / "xproc", 0o775)  # root's, but a users' group may rename in it
+    err = refused(sticky, sticky / "xproc")
+    assert f"{sticky / 'xproc'} is writable by other users and not sticky" in err, err
+
+    os.chown(sticky / "xproc", 0, 0)
     os.chmod(sticky / "xproc", 0o755)
     (sticky / "elsewhere").mkdir()
     os.symlink(sticky / "elsewhere", sticky / "xproc" / "n1.cache")
