@@ -15,6 +15,7 @@ import sys
 
 from gproc import nodespec
 from gproc.errors import GprocError
+from gproc.protocol import MAX_MS
 
 MODES = {
     "m": "master",
@@ -326,8 +327,10 @@ def _parse_exec(args: argparse.Namespace) -> None:
             raise SystemExit(usage_error(str(e))) from None
     for name in ("t", "u"):
         value = getattr(args, name)
-        if value < 0:
-            raise SystemExit(usage_error(f"-{name} takes seconds (0 or more), not {value}"))
+        if not 0 <= value <= MAX_MS // 1000:  # also nan; inf and beyond what the header holds
+            raise SystemExit(
+                usage_error(f"-{name} takes seconds (0 to {MAX_MS // 1000}), not {value}")
+            )
 
 
 def _is_spec(token: str) -> bool:

@@ -185,6 +185,20 @@ class BlockingConn:
         with self.sending:
             self.sock.sendall(data)
 
+    def send_first(self, frame: Frame) -> None:
+        """The first frame; a master that refused us at once may have closed before it
+        arrived, having said why: that reason, not a broken pipe, is the error."""
+        try:
+            self.send(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            try:
+                reply = self.recv()
+            except (OSError, ProtocolError):
+                reply = None
+            if type(reply) is Error:
+                raise ClientError(reply.message) from None
+            raise
+
     def recv(self) -> Frame | None:
         """The next frame, or None on a clean end of stream between frames."""
         head = self.rfile.read(4)
@@ -242,7 +256,7 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     conn = connect(opts.uds)
     sender = Sender(conn, manifest, progress, sys.stdin.buffer if opts.stdin else None)
     try:
-        conn.send(header)
+        conn.send_first(header)
         with Forwarder(conn):
             _follow(conn, printer, sender)
     except BrokenPipeError:
@@ -400,7 +414,7 @@ def fetch_info(uds: str) -> TreeReply:
     """The tree and the running jobs, as the master sees them."""
     conn = connect(uds)
     try:
-        conn.send(Info())
+        conn.send_first(Info())
         reply = conn.recv()
     finally:
         conn.close()
@@ -439,12 +453,23 @@ def format_tree(tree: Tree) -> str:
     return "\n".join(lines)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): what users name their
+    programs is shown to every user, and must neither add lines nor reach their terminals."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_jobs(jobs: list[list[object]]) -> str:
     """The running jobs as a table (who runs what, where, for how long)."""
     if not jobs:
         return "no jobs running"
     table = [("JOB", "USER", "PROGRAM", "NODES", "SECONDS")]
-    table += [(str(j), str(u), str(p), str(s) or "-", str(t)) for j, u, p, s, t in jobs]
+    table += [
+        (str(j), printable(str(u)), printable(str(p)), printable(str(s)) or "-", str(t))
+        for j, u, p, s, t in jobs
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]

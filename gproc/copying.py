@@ -26,26 +26,32 @@ from gproc.output import Printer
 
 # Run on each node as ``python3 -I -c PLACE STAGE DEST SOURCE...``, as the job's user.
 PLACE = r"""
-import os, shutil, stat, sys
+import os, secrets, shutil, stat, sys
 
 stage, dest, sources = sys.argv[1], sys.argv[2], sys.argv[3:]
 into = dest.endswith("/") or os.path.isdir(dest) or len(sources) > 1
 if into and not os.path.isdir(dest):
     sys.exit(f"gproc cp: {dest} is not a directory")
 files = size = 0
+NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+def temporary(target):
+    # A new name nobody can guess, created here: never a file or symlink put there first.
+    return f"{target}.gproc-{secrets.token_hex(8)}"
 
 def put_file(src, target, mode):
     global files, size
-    name = f".{os.path.basename(target)}.gproc-{os.getpid()}"
-    tmp = os.path.join(os.path.dirname(target) or ".", name)
-    try:
-        shutil.copyfile(src, tmp, follow_symlinks=True)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.lexists(tmp):
+    tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(temporary(target)))
+    with open(src, "rb") as data:
+        fd = os.open(tmp, NEW, 0o600)
+        try:
+            with open(fd, "wb") as out:
+                shutil.copyfileobj(data, out, 1 << 20)
+                os.fchmod(out.fileno(), mode)
+            os.replace(tmp, target)
+        except BaseException:
             os.unlink(tmp)
-        raise
+            raise
     files += 1
     size += os.path.getsize(target)
 
@@ -57,7 +63,7 @@ def put(src, target):
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
         inner = os.path.join(target, entry.name)
         if entry.is_symlink():
-            tmp = f"{inner}.gproc-{os.getpid()}"
+            tmp = temporary(inner)
             os.symlink(os.readlink(entry.path), tmp)
             os.replace(tmp, inner)
         else:

@@ -13,10 +13,12 @@ client that goes away before its job is done has its job killed on every node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import socket
 import time
 
@@ -50,6 +52,14 @@ log = logging.getLogger("gproc.master")
 Checked = tuple[JobHeader, nodespec.Spec, list[Entry], list[str], list[str]]
 
 CLIENT_HELLO_TIMEOUT = 30
+# A client's signals are relayed at most this often: each one is a frame on every link of its
+# job and a kill() on every node, so a client sending them as fast as it can write would
+# hold up every other job in the tree (signals of one kind do not queue in the kernel anyway).
+SIGNAL_INTERVAL = 0.01
+# One user (root apart) may hold at most this share of the master's file descriptors in client
+# connections, which last as long as their jobs: else one user could take them all, and the
+# master could accept nobody else (nor open the user database to look the next client up).
+USER_FD_SHARE = 16
 
 
 class MasterRunning(GprocError):
@@ -77,6 +87,9 @@ class Master:
         self.draining: set[str] = set()  # nodes new jobs leave out (gproc-deploy upgrades)
         self.hop = Hop(name, 0, key, heartbeat=heartbeat)
         self.uds_server: asyncio.base_events.Server | None = None
+        self.fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.per_user = max(8, self.fds // USER_FD_SHARE)
+        self.clients: collections.Counter[int] = collections.Counter()  # connections by uid
 
     def tree(self) -> Tree:
         return {
@@ -119,13 +132,14 @@ class Master:
         os.chmod(self.uds, self.allow.mode)
 
     def _claim_path(self) -> None:
-        """Make the socket's directory if needed; remove a stale socket of ours, nobody else's.
+        """Make the socket's directory if needed (only root or we may change it, else the
+        chmod below could be pointed elsewhere); remove a stale socket of ours, nobody else's.
 
         In a directory others can write (``/tmp``), anyone may create the path first and wait
         for clients: a path another user holds is refused, naming that user.
         """
         directory = os.path.dirname(os.path.abspath(self.uds))
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        users.claim_dir(directory, "-defaultMasterUDS")  # else its owner could swap the socket
         try:
             st = os.lstat(self.uds)
         except FileNotFoundError:
@@ -156,8 +170,20 @@ class Master:
     @connection_handler(log)
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer, limit=MAX_FRAME)
+        peer = None
         try:
             peer = users.peer_of(writer.get_extra_info("socket"))
+            self.clients[peer.uid] += 1
+            if peer.uid != 0 and self.clients[peer.uid] > self.per_user:
+                log.warning("client pid %d refused: uid %d is at its limit", peer.pid, peer.uid)
+                await conn.send(
+                    Error(
+                        f"{users.describe(peer.uid)} already has {self.per_user} connections "
+                        f"to this master, the most one user may hold (1/{USER_FD_SHARE} of its "
+                        f"{self.fds} file descriptors); wait for some of those jobs to end"
+                    )
+                )
+                return
             name = users.user_name(peer.uid)
             refusal = (
                 f"uid {peer.uid} has no name in this front-end's user database, so no node "
@@ -188,7 +214,13 @@ class Master:
         except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
             log.warning("client dropped: %s", e or type(e).__name__)
         finally:
-            await conn.close(grace=None)  # every byte of output reaches the reader
+            try:
+                await conn.close(grace=None)  # every byte of output reaches the reader
+            finally:
+                if peer is not None:  # its descriptor is closed only now
+                    self.clients[peer.uid] -= 1
+                    if not self.clients[peer.uid]:
+                        del self.clients[peer.uid]
 
     def _drain(self, frame: Drain, peer: users.Peer) -> Draining | Error:
         """Only root or the master's own user (gproc-deploy) may take nodes out of service."""
@@ -268,6 +300,7 @@ class Master:
                 raise ConnectionResetError("client closed before sending every file byte")
             if type(frame) is Signal:
                 job.signal(frame.signum)
+                await asyncio.sleep(SIGNAL_INTERVAL)
                 continue
             if type(frame) is not Data:
                 raise ProtocolError(f"expected file data, got a {type(frame).__name__} frame")
@@ -293,6 +326,7 @@ class Master:
                     return
                 if type(frame) is Signal:
                     job.signal(frame.signum)
+                    await asyncio.sleep(SIGNAL_INTERVAL)
                 elif type(frame) is Input and job.header.stdin:
                     await job.forward_input(frame.data)
                 else:

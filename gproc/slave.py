@@ -101,10 +101,31 @@ def program_argv(header: JobHeader, root: str) -> list[str]:
     return [prog, *argv[1:]]
 
 
-def placement(stage: str, header: JobHeader) -> list[str]:
+def placement(stage: str, header: JobHeader, switches: bool = False) -> list[str]:
     """gproc cp: this daemon's Python runs the placement program (gproc.copying) on the
-    staged sources; ``argv`` is the destination, then the sources' absolute paths."""
-    return [sys.executable, "-I", "-c", copying.PLACE, stage, *header.argv]
+    staged sources; ``argv`` is the destination, then the sources' absolute paths.
+
+    The program runs as the job's user: when that is not the daemon's user and the daemon's
+    Python is not for everyone (a virtualenv in root's home), the node's ``python3`` runs it
+    (it needs only the standard library)."""
+    python = sys.executable
+    if switches and not _for_everyone(python):
+        python = shutil.which("python3", path=users.DEFAULT_PATH) or python
+    return [python, "-I", "-c", copying.PLACE, stage, *header.argv]
+
+
+def _for_everyone(program: str) -> bool:
+    """Whether any user may run ``program``: it and every directory on its way are o+x."""
+    path = os.path.realpath(program)
+    while True:
+        try:
+            if not os.stat(path).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
 
 
 def program_env(
@@ -315,7 +336,10 @@ class NodeRun(LocalRunner):
         user = self.user
         assert user is not None  # resolved before anything was unpacked
         copy = self.header.mode == "copy"  # gproc cp: place the staged files, as the user
-        argv = placement(self.files_root, self.header) if copy else program_argv(self.header, root)
+        if copy:
+            argv = placement(self.files_root, self.header, user.switches)
+        else:
+            argv = program_argv(self.header, root)
         launch = sandbox.Launch(
             argv=argv,
             env=program_env(self.header, root, self.node.name, self.jid, user),
@@ -545,6 +569,8 @@ class Slave:
 
     async def run(self) -> None:
         """Serve children, join the parent, relay jobs until the parent goes away."""
+        for directory in (self.node.bin_root, self.node.stage_root, self.node.cache_root):
+            await asyncio.to_thread(users.claim_dir, directory, "-binRoot")
         await asyncio.to_thread(_empty, self.node.stage_root)  # a killed predecessor's leftovers
         if self.node.cache_bytes > 0:
             root, size = Path(self.node.cache_root), self.node.cache_bytes

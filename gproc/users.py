@@ -14,6 +14,7 @@ import grp
 import os
 import pwd
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -143,7 +144,8 @@ def resolve(name: str, uid: int, gid: int, node: str) -> RunAs:
     """The job's user as this node knows it; UserRefused when it must not run here.
 
     The name is looked up here (NSS) and must have the uid the front-end gave: a different
-    uid is a different person, and a job never runs as anyone but its own user.
+    uid is a different person, and a job never runs as anyone but its own user. The gid the
+    front-end gave (the client's, from the kernel) must be one of the user's groups here too.
     """
     if not name:
         raise UserRefused("the job carries no user (a master older than this node?)")
@@ -162,11 +164,20 @@ def resolve(name: str, uid: int, gid: int, node: str) -> RunAs:
             f"the daemon on {node} runs as {describe(me)}, not root, so it runs only its own "
             f"user's jobs, not {name}'s"
         )
-    try:
-        groups = tuple(os.getgrouplist(name, gid))
-    except OSError:
-        groups = (gid,)
+    if uid != 0 and gid != pw.pw_gid and gid not in _groups_of(name, pw.pw_gid):
+        raise UserRefused(
+            f"group {gid} is not one of {name}'s groups on {node} (the front-end gave that "
+            "group); the job does not run with a group its user lacks here"
+        )
+    groups = _groups_of(name, gid)
     return RunAs(name, uid, gid, groups, pw.pw_dir or "/", pw.pw_shell or "/bin/sh")
+
+
+def _groups_of(name: str, gid: int) -> tuple[int, ...]:
+    try:
+        return tuple(os.getgrouplist(name, gid))
+    except OSError:
+        return (gid,)
 
 
 def drop_to(user: RunAs) -> None:
@@ -192,3 +203,60 @@ def give_tree(root: str, user: RunAs) -> None:
             os.lchown(os.path.join(top, name), user.uid, user.gid)
     os.chown(root, user.uid, user.gid)
     os.chmod(root, 0o700)
+
+
+# ---------------------------------------------------------------- places root writes
+
+
+class UnsafeDir(GprocError):
+    """A directory a daemon writes in (binRoot and beside it, the socket's) is another
+    user's to change."""
+
+
+def claim_dir(path: str, switch: str) -> None:
+    """Make ``path`` if needed, then check that nobody but root or this daemon's user can
+    change where it leads: every directory on the way (as named and as resolved) belongs to
+    one of them and is writable by nobody else (but root's group or the daemon's own) unless
+    sticky (as /tmp), and ``path`` itself is a directory, not a symlink.
+
+    A slave writes a job's files as root beside binRoot and then hands the staging tree to
+    the job's user; the master makes its socket and sets its mode. A user who could rename or
+    replace anything on the way (say, by creating /tmp/xproc before the daemon first ran)
+    could point those writes, that hand-over or that chmod at any file of the machine.
+    ``switch`` names the option that gave the path, for the message.
+    """
+    absolute = os.path.abspath(path)
+    there = absolute
+    while not os.path.lexists(there):
+        there = os.path.dirname(there)
+    _check_chain(path, there, switch)  # before anything is made in it
+    os.makedirs(absolute, mode=0o755, exist_ok=True)
+    _check_chain(path, absolute, switch)
+    if not stat.S_ISDIR(os.lstat(absolute).st_mode):
+        raise UnsafeDir(_unsafe(path, switch, absolute, "is a symlink, not a directory"))
+
+
+def _check_chain(path: str, end: str, switch: str) -> None:
+    me = os.geteuid()
+    for chain in (end, os.path.realpath(end)):
+        step = "/"
+        for part in [""] + chain.strip("/").split("/"):
+            step = os.path.join(step, part)
+            st = os.lstat(step)
+            if st.st_uid not in (0, me):
+                raise UnsafeDir(_unsafe(path, switch, step, f"belongs to {describe(st.st_uid)}"))
+            others = st.st_mode & 0o002 or (
+                st.st_mode & 0o020 and st.st_gid not in (0, os.getegid())
+            )  # a group of root's, or the daemon's own (a user's private group), is trusted
+            if stat.S_ISDIR(st.st_mode) and others and not st.st_mode & 0o1000:
+                raise UnsafeDir(
+                    _unsafe(path, switch, step, "is writable by other users and not sticky")
+                )
+
+
+def _unsafe(path: str, switch: str, step: str, why: str) -> str:
+    return (
+        f"{step} {why}: another user could redirect what this daemon writes as "
+        f"{describe(os.geteuid())} under {path}; remove it (as root) or give {switch} "
+        "a path whose every directory only root can change (such as one under /var/lib/gproc)"
+    )
