@@ -213,16 +213,16 @@ class SshDeployer:
         """
         if rollback:
             digest = self._kept("previous")
-            pyz = self.artifacts / f"{digest}.pyz"
+            pyz = self.artifacts / digest / "gproc.pyz"
             if not digest or not pyz.exists():
                 raise GprocError(
                     f"no previous artifact in {self.artifacts}: nothing to roll back to"
                 )
             return pyz, digest
         built, digest = build_zipapp(self.state / "gproc.pyz")
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        pyz = self.artifacts / f"{digest}.pyz"
+        pyz = self.artifacts / digest / "gproc.pyz"  # named so, it is gproc's to anyone looking
         if not pyz.exists():
+            pyz.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(built, pyz)
         return pyz, digest
 
@@ -233,9 +233,9 @@ class SshDeployer:
             (self.state / "previous").write_text(current + "\n")
             (self.state / "current").write_text(digest + "\n")
         keep = {digest, current, self._kept("previous")}
-        for old in self.artifacts.glob("*.pyz"):
-            if old.stem not in keep:
-                old.unlink(missing_ok=True)
+        for old in self.artifacts.glob("*/gproc.pyz"):
+            if old.parent.name not in keep:
+                shutil.rmtree(old.parent, ignore_errors=True)
 
     def copy(self, hosts: list[Host], rollback: bool = False) -> None:
         pyz, digest = self.artifact(rollback)
@@ -271,7 +271,7 @@ class SshDeployer:
             if restore:
                 remote.run(SWAP.format(d=d))
             elif new_artifact:  # the one it replaces is kept, for a rollback
-                remote.run(f"cd {d} && {{ [ ! -f gproc.pyz ] || {KEEP}; }}")
+                remote.run(f"cd {d} && if [ -f gproc.pyz ]; then {KEEP}; fi")
                 remote.upload(pyz, f"{d}/gproc.pyz", 0o755)
                 remote.run(f"echo {digest} > {d}/gproc.pyz.sha256")
                 with self.lock:
