@@ -182,7 +182,10 @@ def backend_of(args: argparse.Namespace) -> str:
 def do_netns_status(cluster: NetnsCluster) -> int:
     """One row per host: address, daemon pid, memory, state in the tree."""
     plan = cluster.require_plan()
-    pids = cluster.pids()
+    try:
+        pids: dict[str, int | str] = dict(cluster.pids())
+    except HarnessError:
+        pids = {}
     try:
         tree: dict[str, str] | None = cluster.tree()
     except HarnessError:

@@ -71,8 +71,13 @@ def run_dir(name: str) -> Path:
 
 
 def data_dir(name: str) -> Path:
-    """The nodes' binRoots (and so their staging and cache directories)."""
-    return Path(tempfile.gettempdir()) / f"{PREFIX}-{name}"
+    """The nodes' binRoots (and so their staging and cache directories): $GPROC_NETNS_DATA,
+    else /dev/shm (RAM, as a KANE node's ramdisk root; on ext4 the inodes of 1,000 staging
+    directories per launch cost a tenth of its CPU), else the temporary directory."""
+    base = os.environ.get("GPROC_NETNS_DATA")
+    if base is None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return Path(base) / f"{PREFIX}-{name}"
 
 
 def check_host() -> None:
@@ -249,21 +254,35 @@ class NetnsCluster:
         sw: list[str] = []
         for p in parents:
             peer = "eth0" if p == plan.front_end else "eth1"
+            mac = self.mac(p, down=True)
             sw += [
                 f"link add b-{p} type bridge",
                 f"link set b-{p} up",
-                f"link add d-{p} type veth peer name {peer} netns {self.ns(p)}",
+                f"link add d-{p} type veth peer name {peer} address {mac} netns {self.ns(p)}",
                 f"link set d-{p} master b-{p} up",
             ]
         for n in plan.nodes:
+            mac, where = self.mac(n.name, down=False), self.ns(n.name)
             sw += [
-                f"link add u-{n.name} type veth peer name eth0 netns {self.ns(n.name)}",
+                f"link add u-{n.name} type veth peer name eth0 address {mac} netns {where}",
                 f"link set u-{n.name} master b-{n.parent} up",
             ]
         _ip(["-n", self.ns(SWITCH)], sw)
         _pool(lambda h: _ip(["-n", self.ns(h)], self._host_lines(h)), hosts)
         forwarders = [p for p in parents if p != plan.front_end] + [plan.front_end]
         _pool(self._forward, forwarders)
+
+    def mac(self, host: str, down: bool) -> str:
+        """The fixed MAC of a host's uplink (``down`` False) or of its end on its own bridge.
+
+        Fixed so that every neighbour can be written down as a permanent entry: the kernel's
+        neighbour table is one for all namespaces, and its 1,024-entry limit (gc_thresh3)
+        would otherwise overflow at about 500 nodes ("neighbor table overflow"), dropping
+        ARP for the rest. Permanent entries do not count against it.
+        """
+        plan = self.require_plan()
+        number = 0 if host == plan.front_end else plan.node(host).number
+        return ":".join(f"{b:02x}" for b in (2, 0x67, int(down), *number.to_bytes(3, "big")))
 
     def _address(self, host: str) -> str:
         plan = self.require_plan()
@@ -277,9 +296,11 @@ class NetnsCluster:
         down = "eth0"
         if host != plan.front_end:
             parent = self._address(plan.node(host).parent)
+            up_mac = self.mac(plan.node(host).parent, down=True)
             lines += [
                 f"route add {parent}/32 dev eth0",
                 f"route add default via {parent} dev eth0",
+                f"neigh add {parent} lladdr {up_mac} dev eth0 nud permanent",
             ]
             down = "eth1"
         children = plan.children(host) if host != plan.front_end else self._level1()
@@ -287,6 +308,8 @@ class NetnsCluster:
             lines.append("link set eth1 up")
         for child in children:
             lines.append(f"route add {child.address}/32 dev {down}")
+            mac = self.mac(child.name, down=False)
+            lines.append(f"neigh add {child.address} lladdr {mac} dev {down} nud permanent")
             for below in self._subtree(child.name):
                 lines.append(f"route add {below.address}/32 via {child.address} dev {down}")
         return lines
@@ -346,25 +369,41 @@ class NetnsCluster:
         return [*argv, "-binRoot", self.bin_root(host), "s"]
 
     def spawn(self, hosts: list[str]) -> dict[str, int]:
-        """Fork ``gproc m|s`` for each host from the zygote (replacing nothing)."""
-        procs = [
-            {
-                "host": h,
-                "netns": self.ns_path(h),
-                "hostname": h,
-                "argv": self.daemon_argv(h),
-                "log": str(self.log(h)),
-            }
-            for h in hosts
-        ]
-        return zygote.request(self.zygote_socket, {"op": "spawn", "procs": procs})["pids"]
+        """Fork ``gproc m|s`` for each host from the zygote (replacing nothing).
+
+        Each namespace goes to the zygote as an open descriptor (see harness/zygote.py).
+        """
+        pids: dict[str, int] = {}
+        for at in range(0, len(hosts), zygote.MAX_FDS):
+            batch = hosts[at : at + zygote.MAX_FDS]
+            procs = [
+                {
+                    "host": h,
+                    "netns": self.ns_path(h),
+                    "hostname": h,
+                    "argv": self.daemon_argv(h),
+                    "log": str(self.log(h)),
+                }
+                for h in batch
+            ]
+            fds = [os.open(self.ns_path(h), os.O_RDONLY) for h in batch]
+            try:
+                message = {"op": "spawn", "procs": procs}
+                pids |= zygote.request(self.zygote_socket, message, fds=fds)["pids"]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return pids
 
     def pids(self) -> dict[str, int]:
         """Host -> pid of its live daemon, as the zygote knows them."""
-        try:
-            return zygote.request(self.zygote_socket, {"op": "list"}, timeout=10)["pids"]
-        except (OSError, ValueError):
-            return {}
+        for attempt in range(3):
+            try:
+                return zygote.request(self.zygote_socket, {"op": "list"}, timeout=60)["pids"]
+            except (OSError, ValueError) as error:
+                problem = error
+                time.sleep(0.2 * (attempt + 1))
+        raise HarnessError(f"the zygote of {self.name!r} does not answer: {problem}")
 
     def start_daemons(
         self, only: Iterable[str] | None = None, timeout: float = READY_TIMEOUT
@@ -446,7 +485,7 @@ class NetnsCluster:
     def reload(self, timeout: float = READY_TIMEOUT) -> None:
         """New gproc code: a new zygote (it imports the working tree afresh), every daemon
         restarted. The namespaces and links stay."""
-        for pid in [*zygote_pids(self.name), *self.pids().values()]:
+        for pid in zygote_pids(self.name):  # the zygote and every daemon it forked
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
