@@ -117,10 +117,19 @@ class Printer:
         self._flush_node(node)
         self.status[node] = status
 
-    def node_lost(self, nodes: list[str], reason: str) -> None:
+    def node_lost(self, nodes: list[str], reason: str, now: bool = True) -> None:
+        """Note lost nodes; say so at once (``now``), as the rest of the job may run for long.
+
+        On a thousand nodes a rack master that dies mid-job is news the user needs then, not
+        after the job; the summary at the end lists every lost node again.
+        """
+        new = [node for node in nodes if node not in self.lost]
         for node in nodes:
             self._flush_node(node)
             self.lost.setdefault(node, reason)
+        if new and now:
+            self.err.write(f"gproc: lost {fold(new)}: {reason}\n".encode())
+            self.err.flush()
 
     def _flush_node(self, node: str) -> None:
         """Print what a node left without a final newline, as a line of its own."""
@@ -140,7 +149,7 @@ class Printer:
         for node in list({n for n, _ in self.partial}):
             self._flush_node(node)
         silent = [n for n in self.planned if n not in self.status and n not in self.lost]
-        self.node_lost(silent, "no report from the node")
+        self.node_lost(silent, "no report from the node", now=False)
         if self.folded:
             self._print_folded()
         self._summary()
