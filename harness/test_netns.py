@@ -120,7 +120,7 @@ def test_private_mount_job_leaves_nothing_behind(cluster: NetnsCluster, tmp_path
 
 def test_killed_rack_master_is_reported_lost_while_the_rest_finish(cluster: NetnsCluster) -> None:
     release = cluster.data / "release"
-    script = f'echo started; while [ ! -e {release} ]; do sleep 0.05; done; echo finished'
+    script = f"echo started; while [ ! -e {release} ]; do sleep 0.05; done; echo finished"
     job = Running(cluster, "e", "././.", "sh", "-c", script)
     try:
         wait_until(lambda: job.saying("started"), 60, "the job on all 40 nodes",
