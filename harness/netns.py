@@ -62,7 +62,7 @@ SWITCH = "switch"
 READY_TIMEOUT = float(os.environ.get("GPROC_HARNESS_TIMEOUT", "300"))
 POOL = 8  # parallel `ip` processes while wiring
 FAULTS = ("kill", "stop", "cut", "heal")
-RESPAWN = 5.0  # seconds between restarts of daemons still missing (start_daemons)
+RESPAWN = 2.0  # seconds between restarts of daemons still missing (start_daemons)
 
 
 def run_dir(name: str) -> Path:

@@ -219,7 +219,8 @@ def request(path: str, message: dict, timeout: float = 120, fds: list[int] = ())
         sock.connect(path)
         data = json.dumps(message).encode() + b"\n"
         sent = socket.send_fds(sock, [data], list(fds))
-        sock.sendall(data[sent:])
+        if sent < len(data):  # an empty send after the zygote answered would be EPIPE
+            sock.sendall(data[sent:])
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
