@@ -71,6 +71,18 @@ def timed(net: NetnsCluster, argv: list[str], timeout: float = 600) -> tuple[flo
     return time.monotonic() - t, res.status, res.err
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU used so far by these daemons and the jobs they have reaped (user + system)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def bench_memory(net: NetnsCluster, before: int) -> None:
     mem = net.memory()
     plan = net.require_plan()
@@ -126,8 +138,18 @@ def bench_launch(net: NetnsCluster, runs: int) -> None:
         f" then median of {runs} {median:.2f} s ({', '.join(f'{t:.2f}' for t in times)})"
         f" (goal < 3 s: {verdict(median < 3)})"
     )
+    pids = list(net.pids().values())
+    cpu = cpu_seconds(pids)
+    took, status, _ = timed(net, ["gproc", "e", "./.", "/bin/true"])
+    used = cpu_seconds(pids) - cpu
+    cpu = cpu_seconds(pids)
     local, status, _ = timed(net, ["gproc", "e", "-localbin", "./.", "/bin/true"])
-    print(f"launch: the same with -localbin (nothing shipped or copied) {local:.2f} s")
+    used_local = cpu_seconds(pids) - cpu
+    print(
+        f"launch: CPU of the daemons and their jobs per launch: {used:.1f} s "
+        f"({used / n * 1e3:.1f} ms a node; wall {took:.2f} s); with -localbin (nothing shipped "
+        f"or copied) {used_local:.1f} s, wall {local:.2f} s; load now {os.getloadavg()[0]:.0f}"
+    )
 
 
 def bench_ship(net: NetnsCluster, racks: int, mib: int) -> None:

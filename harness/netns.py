@@ -268,6 +268,7 @@ class NetnsCluster:
                 f"link set u-{n.name} master b-{n.parent} up",
             ]
         _ip(["-n", self.ns(SWITCH)], sw)
+        self._bridges_skip_iptables()
         _pool(lambda h: _ip(["-n", self.ns(h)], self._host_lines(h)), hosts)
         forwarders = [p for p in parents if p != plan.front_end] + [plan.front_end]
         _pool(self._forward, forwarders)
@@ -283,6 +284,14 @@ class NetnsCluster:
         plan = self.require_plan()
         number = 0 if host == plan.front_end else plan.node(host).number
         return ":".join(f"{b:02x}" for b in (2, 0x67, int(down), *number.to_bytes(3, "big")))
+
+    def _bridges_skip_iptables(self) -> None:
+        """Frames crossing our bridges need no iptables (br_netfilter, loaded by Docker on
+        this host, would otherwise run them through the switch namespace's empty chains)."""
+        knobs = [f"net.bridge.bridge-nf-call-{t}=0" for t in ("iptables", "ip6tables", "arptables")]
+        if Path("/proc/sys/net/bridge").is_dir():
+            argv = ["nsenter", f"--net={self.ns_path(SWITCH)}", "sysctl", "-qw", *knobs]
+            subprocess.run(argv, capture_output=True)
 
     def _address(self, host: str) -> str:
         plan = self.require_plan()
