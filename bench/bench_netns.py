@@ -83,7 +83,7 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def bench_memory(net: NetnsCluster, before: int) -> None:
+def bench_memory(net: NetnsCluster, before: int, when: str) -> None:
     mem = net.memory()
     plan = net.require_plan()
     slaves = [mem[n.name] for n in plan.nodes if n.name in mem]
@@ -93,12 +93,13 @@ def bench_memory(net: NetnsCluster, before: int) -> None:
     total = sum(p for _, p in mem.values()) + zygote_pss
     master = mem.get(plan.front_end, (0, 0))
     print(
-        f"memory: slave USS mean {statistics.mean(uss) / MIB:.2f} MiB (max {max(uss) / MIB:.2f}),"
-        f" PSS mean {statistics.mean(pss) / MIB:.2f} MiB; master USS {master[0] / MIB:.1f} MiB"
+        f"memory {when}: slave USS mean {statistics.mean(uss) / MIB:.2f} MiB "
+        f"(max {max(uss) / MIB:.2f}), PSS mean {statistics.mean(pss) / MIB:.2f} MiB; "
+        f"master USS {master[0] / MIB:.1f} MiB"
     )
     shm = _du(net.data)
     print(
-        f"memory: sum of PSS of {len(mem)} daemons and the zygote {total / GIB:.2f} GiB "
+        f"memory {when}: sum of PSS of {len(mem)} daemons and the zygote {total / GIB:.2f} GiB "
         f"(goal < 16 GiB: {verdict(total < 16 * GIB)}); host memory used rose by "
         f"{(used_memory() - before) / GIB:.2f} GiB (kernel namespaces and links, and "
         f"{shm / GIB:.2f} GiB of node files in /dev/shm, included)"
@@ -243,8 +244,9 @@ def main() -> int:
             f"up: {args.nodes} nodes ({args.locale}) wired and registered in {took:.1f} s "
             f"(goal < 180 s: {verdict(took < 180)})"
         )
-        bench_memory(net, before)
+        bench_memory(net, before, "after up")
         bench_launch(net, args.runs)
+        bench_memory(net, before, "after the launches")
         if args.ship_racks > 0:
             bench_ship(net, args.ship_racks, args.ship_mib)
         bench_lost_rack(net)
