@@ -242,7 +242,8 @@ def main() -> int:
         took = time.monotonic() - t
         print(
             f"up: {args.nodes} nodes ({args.locale}) wired and registered in {took:.1f} s "
-            f"(goal < 180 s: {verdict(took < 180)})"
+            f"(wiring {net.timings['wire']:.1f} s, registration {net.timings['register']:.1f} s)"
+            f" (goal < 180 s: {verdict(took < 180)})"
         )
         bench_memory(net, before, "after up")
         bench_launch(net, args.runs)

@@ -120,6 +120,7 @@ class NetnsCluster:
         self.run_id = ""
         self.dir = run_dir(name)
         self.data = data_dir(name)
+        self.timings: dict[str, float] = {}  # seconds of the last up: wire, register
 
     # ------------------------------------------------------------------ names
 
@@ -200,10 +201,10 @@ class NetnsCluster:
         try:
             self._prepare_dirs()
             self.wire()
-            took = time.monotonic() - t0
+            took = self.timings["wire"] = time.monotonic() - t0
             say(f"{self.name!r}: {len(plan.nodes) + 2} namespaces wired in {took:.1f}s")
             self.start_zygote()
-            self.start_daemons(timeout=timeout)
+            self.timings["register"] = self.start_daemons(timeout=timeout)
         except BaseException:
             say(f"up of {self.name!r} failed; removing what was created")
             self.down(quiet=True)
