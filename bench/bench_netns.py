@@ -153,14 +153,24 @@ def bench_launch(net: NetnsCluster, runs: int) -> None:
     )
 
 
+def subtree(plan, name: str) -> list[str]:  # noqa: ANN001 - a harness Plan
+    found, todo = [], [name]
+    while todo:
+        kids = [c.name for c in plan.children(todo.pop())]
+        found += kids
+        todo += kids
+    return found
+
+
 def bench_ship(net: NetnsCluster, racks: int, mib: int) -> None:
     plan = net.require_plan()
     first = [n for n in plan.nodes if n.level == 1][:racks]
-    spec = f"1-{len(first)}/."
+    depth = max(n.level for n in plan.nodes)
+    spec = f"1-{len(first)}" + "/." * (depth - 1)
     blob = net.data / "ship.bin"
     with open(blob, "wb") as f:
         f.write(os.urandom(mib * MIB))
-    reached = len(first) + sum(len(plan.children(m.name)) for m in first)
+    reached = len(first) + sum(len(subtree(plan, m.name)) for m in first)
     before = tx_bytes(net)
     took, status, err = timed(net, ["gproc", "e", "-f", str(blob), spec, "/bin/true"])
     sent = tx_bytes(net) - before
@@ -175,17 +185,36 @@ def bench_ship(net: NetnsCluster, racks: int, mib: int) -> None:
     blob.unlink()
 
 
+def bench_specs(net: NetnsCluster) -> None:
+    """Specs at depth on a tree of three levels or more: how many nodes each selects."""
+    plan = net.require_plan()
+    depth = max(n.level for n in plan.nodes)
+    if depth < 3:
+        return
+    for spec in ("./.", "./././.", "2/3/.", "1/./."):
+        took, status, err = timed(net, ["gproc", "e", "-b", spec, "/bin/true"])
+        res = net.exec(["gproc", "e", spec, "/bin/hostname"], timeout=600)
+        count = len(res.lines())
+        print(f"spec {spec}: {count} nodes answered (exit {res.status}); /bin/true {took:.2f} s")
+    res = net.exec(["gproc", "i"])
+    print(f"gproc i on {len(plan.nodes)} nodes: {len(res.lines())} lines:")
+    print("\n".join("  " + line[:100] for line in res.lines()[:8]) + "\n  ...")
+
+
 def bench_lost_rack(net: NetnsCluster) -> None:
     plan = net.require_plan()
     n = len(plan.nodes)
-    victim = next(m for m in plan.nodes if m.level == 1 and plan.children(m.name))
-    below = {c.name for c in plan.children(victim.name)} | {victim.name}
+    depth = max(m.level for m in plan.nodes)
+    # a rack master: a parent on the level above the leaves
+    victim = next(m for m in plan.nodes if m.level == depth - 1 and plan.children(m.name))
+    below = set(subtree(plan, victim.name)) | {victim.name}
+    everyone = "." + "/." * (depth - 1)
     gate = net.data / "gate"
     gate.touch()
     with open(gate) as hold:
         fcntl.flock(hold, fcntl.LOCK_EX)  # every job waits for it with flock -s
         script = f"echo started; flock -s {gate} true; echo finished"
-        job = Running(net, "e", "./.", "sh", "-c", script)
+        job = Running(net, "e", everyone, "sh", "-c", script)
         try:
             wait_until(
                 lambda: job.saying("started"),
@@ -223,7 +252,7 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--locale", default="kane", choices=("kane", "kf", "kane3"))
     p.add_argument("--racksize", type=int)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=5, help="launches to time (0: none)")
     p.add_argument("--ship-racks", type=int, default=3)
     p.add_argument("--ship-mib", type=int, default=32)
     p.add_argument("--name", default="nbench")
@@ -246,8 +275,10 @@ def main() -> int:
             f" (goal < 180 s: {verdict(took < 180)})"
         )
         bench_memory(net, before, "after up")
-        bench_launch(net, args.runs)
-        bench_memory(net, before, "after the launches")
+        bench_specs(net)
+        if args.runs > 0:
+            bench_launch(net, args.runs)
+            bench_memory(net, before, "after the launches")
         if args.ship_racks > 0:
             bench_ship(net, args.ship_racks, args.ship_mib)
         bench_lost_rack(net)
