@@ -235,6 +235,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return dispatch_netns(args)
     if args.command == "up" and args.racksize is not None:
         raise PlanError("--racksize is for --backend netns")
+    if args.command == "fault" and args.fault not in FAULTS:
+        raise PlanError(f"the docker backend has no fault {args.fault!r}: {', '.join(FAULTS)}")
     if args.command == "up" and args.timeout is None:
         args.timeout = READY_TIMEOUT
     if args.command == "images":
