@@ -121,6 +121,7 @@ class NetnsCluster:
         self.dir = run_dir(name)
         self.data = data_dir(name)
         self.timings: dict[str, float] = {}  # seconds of the last up: wire, register
+        self.heartbeat: float | None = None  # -heartbeat of the daemons; None: gproc's own
 
     # ------------------------------------------------------------------ names
 
@@ -164,6 +165,7 @@ class NetnsCluster:
             )
         s = json.loads(state.read_text())
         self.plan = make_plan(s["locale"], s["nodes"], KANE_SUBNET, s.get("rack_size"))
+        self.heartbeat = s.get("heartbeat")
         self.run_id = s["run"]
         return self
 
@@ -183,9 +185,16 @@ class NetnsCluster:
         locale: str = "kane",
         rack_size: int | None = None,
         timeout: float = READY_TIMEOUT,
+        heartbeat: float | None = None,
     ) -> NetnsCluster:
-        """Replace any cluster of this name with a fresh one whose every daemon registered."""
+        """Replace any cluster of this name with a fresh one whose every daemon registered.
+
+        ``heartbeat`` (seconds, the daemons' -heartbeat) lets a test see a stopped or cut
+        node lost sooner than gproc's default of 4 silent beats of 5 s."""
         self.plan = plan = make_plan(locale, nodes, KANE_SUBNET, rack_size)
+        if heartbeat is not None and heartbeat <= 0:
+            raise PlanError(f"bad heartbeat {heartbeat}: give seconds > 0")
+        self.heartbeat = heartbeat
         names = {n.name for n in plan.nodes} | {plan.front_end}
         orphans = [n.name for n in plan.nodes if n.parent not in names]
         if orphans:
@@ -224,6 +233,7 @@ class NetnsCluster:
             "locale": plan.locale,
             "nodes": len(plan.nodes),
             "rack_size": plan.rack_size,
+            "heartbeat": self.heartbeat,
             "run": self.run_id,
         }
         (self.dir / "cluster.json").write_text(json.dumps(state))
@@ -374,6 +384,8 @@ class NetnsCluster:
         argv = ["-locale", plan.locale, "-key", self.key, "-debug", "1"]
         if plan.rack_size is not None:
             argv += ["-racksize", str(plan.rack_size)]
+        if self.heartbeat is not None:
+            argv += ["-heartbeat", str(self.heartbeat)]
         if host == plan.front_end:
             return [*argv, "-defaultMasterUDS", self.uds, "m"]
         return [*argv, "-binRoot", self.bin_root(host), "s"]

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.xdist_group("netns"), pytest.mark.timeout(300)]
 
 NAME = os.environ.get("GPROC_NETNS_TEST_NAME", "ntest")
 NODES, RACK = 40, 5
+HEARTBEAT = 2.0  # a stopped or cut node is lost after 4 silent beats: 8 s, not gproc's 20
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,7 +65,7 @@ def cluster() -> Iterator[NetnsCluster]:
     with _session_lock(NAME):
         net = NetnsCluster(NAME)
         try:
-            net.up(NODES, "kane3", rack_size=RACK, timeout=120)
+            net.up(NODES, "kane3", rack_size=RACK, timeout=120, heartbeat=HEARTBEAT)
             yield net
         finally:
             net.down(quiet=True)
@@ -141,6 +142,24 @@ def test_killed_rack_master_is_reported_lost_while_the_rest_finish(cluster: Netn
     cluster.heal()
     tree = cluster.tree()
     assert [n for n in names(1, NODES) if tree.get(n) != "up"] == []
+
+
+@pytest.mark.parametrize(("fault", "host"), [("stop", "kn10"), ("cut", "kn30")])
+def test_stopped_or_cut_rack_master_is_lost_then_healed(
+    cluster: NetnsCluster, fault: str, host: str
+) -> None:
+    cluster.fault(fault, host)
+    try:
+        wait_until(lambda: cluster.tree().get(host), 60, f"{host} ({fault}) seen lost",
+                   done=lambda state: state != "up", interval=0.2)  # fmt: skip
+        res = gproc(cluster, "e", "././.", "/bin/hostname")
+        assert res.status == 255 and host in res.err, res.err
+        assert host not in ran(res)
+    finally:
+        cluster.heal()
+    tree = cluster.tree()
+    assert [n for n in names(1, NODES) if tree.get(n) != "up"] == []
+    assert ran(gproc(cluster, "e", "././.", "/bin/hostname")) == names(1, NODES)
 
 
 def test_cli_exec_and_status_work_on_the_netns_cluster(cluster: NetnsCluster) -> None:
