@@ -4,9 +4,10 @@
 
 Brings up the cluster named ``gproc`` with ``--no-daemons`` (containers and sshd only;
 replacing a cluster of that name), then runs ``gproc-deploy up 1 N --locale kane`` on the
-front-end twice. For each run: its wall time measured inside the front-end (what a user
-there waits), the bytes the front-end sent (its eth0 transmit counter: artifact, key, SSH
-handshakes and commands), and how many hosts got the artifact. gproc-deploy reports no
+front-end twice, then a rolling upgrade to a second artifact while jobs keep running. For
+each run: its wall time measured inside the front-end (what a user there waits), the bytes
+the front-end sent (its eth0 transmit counter: artifact, key, SSH handshakes and commands),
+and how many hosts got the artifact. gproc-deploy reports no
 per-host timings, so the slowest host is read from the nodes' own files: the time the
 artifact's hash file was written (end of its upload) and the time the daemon's pid file was
 written (its start), relative to the start of the run; containers share the host's clock.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +89,53 @@ def sshd_rss(cluster: Cluster, node: str) -> float:
     return int(cluster.exec(["sh", "-c", script], host=node).out.split()[1]) / 1024
 
 
+SITE2 = "/tmp/gproc-site2"
+
+
+def rolling_upgrade(cluster: Cluster, nodes: int) -> list[tuple[str, str]]:
+    """A second artifact (this code, one line added) deployed over the running tree while a
+    client keeps running ``gproc e ./. /bin/true``: the rollout's wall time, the longest any
+    node refused new jobs (gproc-deploy says it), and what became of the jobs: ok (all
+    nodes), partial (drained nodes left out, said as unreachable), refused (every selected
+    node drained) and lost (a node lost mid-job: the goal is 0)."""
+    copy = f"rm -rf {SITE2} && cp -r /opt/gproc/site {SITE2}"
+    cluster.exec(["sh", "-c", f"{copy} && echo '# v2' >> {SITE2}/gproc/__init__.py"])
+    outcomes: dict[str, int] = {"ok": 0, "partial": 0, "refused": 0, "lost": 0, "other": 0}
+    done = threading.Event()
+
+    def jobs() -> None:
+        while not done.is_set():
+            res = cluster.exec(["gproc", "e", "./.", "/bin/true"], timeout=120)
+            if "gproc: lost" in res.err:
+                outcomes["lost"] += 1
+            elif res.status == 0:
+                outcomes["ok"] += 1
+            elif res.status == 255 and "draining" in res.err:
+                outcomes["partial"] += 1
+            elif "draining" in res.err:
+                outcomes["refused"] += 1
+            else:
+                outcomes["other"] += 1
+
+    client = threading.Thread(target=jobs, daemon=True)
+    client.start()
+    argv = ["env", f"PYTHONPATH={SITE2}", "gproc-deploy", "up", "1", str(nodes), "--locale", "kane"]
+    t = time.monotonic()
+    res = cluster.exec(argv, timeout=1800)
+    took = time.monotonic() - t
+    done.set()
+    client.join(180)
+    if res.status != 0:
+        sys.exit(f"the rolling upgrade failed (exit {res.status}):\n{res.out}{res.err}")
+    refused = re.search(r"the longest any node refused new jobs: ([\d.]+)s", res.out)
+    return [
+        (f"rolling upgrade of {nodes} nodes and the master", f"{took:.1f} s"),
+        ("  longest time any node refused new jobs", f"{refused[1]} s" if refused else "-"),
+        ("  jobs during it: ok / partial / refused / lost / other",
+         " / ".join(str(outcomes[k]) for k in ("ok", "partial", "refused", "lost", "other"))),
+    ]  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=80)
@@ -115,6 +164,7 @@ def main() -> int:
                 figures.append(("  last upload done (first)", upload))
                 figures.append(("  last daemon started (first)", start))
         figures.append(("artifact size", f"{size / 1024:.0f} KiB"))
+        figures += rolling_upgrade(cluster, args.nodes)
         whole, node = memory(cluster)
         figures.append(("memory, cluster with sshd and the tree", f"{whole:.0f} MiB"))
     finally:

@@ -4,9 +4,9 @@ Built from the code this process imports (a working tree or an installed copy), 
 container harness and the SSH deployer ship exactly what is being tested. The hash names
 the artifact: a node that already holds the same hash needs no upload.
 
-The pure-Python parts of msgpack and pyelftools travel inside it, under ``_vendor``, which
-goes at the END of ``sys.path``: a node that has msgpack installed (with its C extension)
-uses that; a bare node falls back to the copy in the archive.
+The pure-Python parts of msgpack, pyelftools and ClusterShell travel inside it, under
+``_vendor``, which goes at the END of ``sys.path``: a node that has msgpack installed (with
+its C extension) uses that; a bare node falls back to the copy in the archive.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gproc.cli import main  # noqa: E402
 
 sys.exit(main())
 """
-VENDORED = ("msgpack", "elftools")
+VENDORED = ("msgpack", "elftools", "ClusterShell")
 
 
 def _stage(into: Path) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from gproc.errors import GprocError
 
+from .remote import SshOptions
+
 EPILOG = """\
 examples:
   gproc-deploy up 1 8 --locale local     master and slaves n1..n8 on this machine
@@ -22,9 +24,15 @@ examples:
   gproc e ./. /bin/date                  run date on every node
   gproc-deploy status --locale kane      the tree, from the master
   gproc-deploy down --locale kane        stop everything up started
+  gproc-deploy up 1 80 --check           what up would do, changing nothing
+  gproc-deploy rollback                  the previous artifact again, rack by rack
 
-exit status: 0 when every host is ok; 1 when any host is UNREACHABLE, FAILED or SKIPPED (or
-gproc-deploy itself failed); 2 for a usage error.
+Every host ends as ok (nothing to do), changed (what was done), failed, unreachable or
+skipped (not touched, and why), then a recap line counts them.
+
+exit status: 0 when every host is ok or changed; 1 when any host failed, is unreachable or
+was skipped (or gproc-deploy itself failed), and for status when a deployed host is not up
+in the tree; 2 for a usage error.
 """
 
 
@@ -35,22 +43,57 @@ def build_parser() -> argparse.ArgumentParser:
         description="Copy gproc to the nodes and bring its tree up level by level.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="up|copy|status|down")
+    sub = p.add_subparsers(dest="command", required=True, metavar="up|copy|status|down|rollback")
     up = sub.add_parser("up", help="copy gproc, start the master and nodes LOW..HIGH by level")
     copy = sub.add_parser("copy", help="copy the artifact and key to nodes LOW..HIGH only")
     status = sub.add_parser("status", help="show the tree as the master sees it")
     down = sub.add_parser("down", help="stop what up started (not running is fine)")
+    rollback = sub.add_parser(
+        "rollback", help="deploy the artifact before the current one again (kept on the nodes)"
+    )
     for s in (up, copy):
         s.add_argument("low", type=int, help="first node number")
         s.add_argument("high", type=int, help="last node number")
+    rollback.add_argument("low", type=int, nargs="?", help="first node number (default: all)")
+    rollback.add_argument("high", type=int, nargs="?", help="last node number")
     down.add_argument("low", type=int, nargs="?", help="first node number (default: all)")
     down.add_argument("high", type=int, nargs="?", help="last node number")
     for s in (up, down):
         s.add_argument("--dry-run", action="store_true", help="print the plan, touch nothing")
-    for s in (up, copy, status, down):
+    up.add_argument(
+        "--check",
+        action="store_true",
+        help="connect, compare and print per host exactly what up would do; change nothing",
+    )
+    for s in (up, copy, status, down, rollback):
         _common(s)
-    for s in (up, copy, down):
+    for s in (up, copy, down, rollback):
         _ssh(s)
+    for s in (up, rollback):
+        s.add_argument(
+            "--serial",
+            type=int,
+            default=1,
+            help="a changed artifact, key or setting restarts a running tree rack by rack, this "
+            "many racks at a time, the master last (default 1; 0: all at once, the tree down)",
+        )
+        s.add_argument(
+            "--max-fail",
+            type=int,
+            default=0,
+            help="failed hosts a batch may have before the rollout stops (default 0)",
+        )
+        s.add_argument(
+            "--drain-timeout",
+            type=float,
+            default=60.0,
+            help="seconds running jobs get on a batch before its restart (default 60)",
+        )
+    up.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="only the hosts of LOW..HIGH that were not ok or changed at the last run",
+    )
     up.add_argument(
         "--timeout",
         type=float,
@@ -60,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--racksize", type=int, default=None, help="nodes per rack (local: 4)")
     up.add_argument("--parent", default=None, help="the front-end's address, for the nodes")
     up.add_argument("--debug", type=int, default=None, help="daemon log level (default 1)")
+    up.add_argument(
+        "--allow",
+        default=None,
+        metavar="WHO",
+        help="who may use the tree: owner (default), all, or group:NAME; each job runs as "
+        "its user on every node (gproc m -allow)",
+    )
     return p
 
 
@@ -99,6 +149,12 @@ def _ssh(s: argparse.ArgumentParser) -> None:
         help="trust and remember host keys not yet in known_hosts (default: refuse)",
     )
     g.add_argument("--known-hosts", default=None, help="default ~/.ssh/known_hosts")
+    g.add_argument(
+        "--lock-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for another gproc-deploy run of this tree (default 30)",
+    )
 
 
 def usage(message: str) -> int:
@@ -113,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         return usage(f"bad node range {low}..{high}: give both, with 1 <= LOW <= HIGH")
     args.locale = args.locale or remembered_locale(args.cmdport)
     try:
-        if args.command == "up" and not args.dry_run:
+        if getattr(args, "allow", None):
+            from gproc.users import Allow
+
+            Allow.parse(args.allow)  # a bad value fails here, not in the master's log
+        if args.command == "up" and not args.dry_run and not args.check:
+            from gproc.locales import LocaleOptions, load_locale
+
+            load_locale(args.locale, LocaleOptions(cmdport=args.cmdport))  # a bad one: no memory
             remember_locale(args.locale, args.cmdport)
         if args.locale == "local":
             return run_local(args)
@@ -134,6 +197,11 @@ def run_local(args: argparse.Namespace) -> int:
 
     if args.command == "copy":
         return usage("copy is for locales reached over SSH; local needs no copy")
+    if args.command == "rollback" or getattr(args, "check", False):
+        return usage(
+            f"{'rollback' if args.command == 'rollback' else '--check'} is for "
+            "locales reached over SSH; the local tree runs the installed gproc"
+        )
     s = load_settings(args.cmdport)
     for field, value in (
         ("uds", args.uds),
@@ -141,6 +209,7 @@ def run_local(args: argparse.Namespace) -> int:
         ("racksize", getattr(args, "racksize", None)),
         ("key", args.key),
         ("debug", getattr(args, "debug", None)),
+        ("allow", getattr(args, "allow", None)),
     ):
         if value is not None:
             setattr(s, field, value)
@@ -169,7 +238,6 @@ def run_ssh(args: argparse.Namespace) -> int:
     from gproc.keys import create_key, default_key_path
     from gproc.locales import LocaleOptions, load_locale
 
-    from .remote import SshOptions
     from .ssh import Settings, SshDeployer
 
     uds = args.uds or "/tmp/g"
@@ -180,10 +248,11 @@ def run_ssh(args: argparse.Namespace) -> int:
             raise GprocError(
                 "deploying over SSH needs Fabric: pip install 'gproc[deploy]'"
             ) from None
-    if args.command == "status":
-        print(format_tree(fetch_tree(uds)))
-        return 0
     state = ssh_state_dir(args.locale, args.cmdport)
+    if args.command == "status":
+        tree = fetch_tree(uds)
+        print(format_tree(tree))
+        return status_against_deployed(state, tree, args)
     key = args.key or str(default_key_path())
     opts = LocaleOptions(
         cmdport=args.cmdport,
@@ -200,6 +269,11 @@ def run_ssh(args: argparse.Namespace) -> int:
         parent=getattr(args, "parent", None),
         bin_root=args.bin_root,
         debug=getattr(args, "debug", None) or 1,
+        allow=getattr(args, "allow", None) or "owner",
+        check=getattr(args, "check", False),
+        serial=max(getattr(args, "serial", 1), 0),
+        max_fail=max(getattr(args, "max_fail", 0), 0),
+        drain_timeout=max(getattr(args, "drain_timeout", 60.0), 0.0),
         parallel=args.parallel,
         register_timeout=getattr(args, "timeout", None) or 60.0,
         ssh=SshOptions(
@@ -222,21 +296,69 @@ def run_ssh(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         print(deployer.describe(hosts, args.command))
         return 0
-    if args.command == "up":
-        path, created = create_key(key)
-        if created:
-            print(f"created cluster key {path}")
-        remember_range(state, low, high)
-        ok = deployer.up(low, high)
-        if live := _tree_or_none(uds):
-            print(live)
-    elif args.command == "copy":
-        create_key(key)
-        deployer.copy(hosts)
-        ok = deployer.report(hosts)
-    else:
-        ok = deployer.down(hosts, master_too=whole)
+    from .lock import run_lock
+
+    check_up_front(settings.ssh)
+    with run_lock(state, args.lock_wait, print):
+        if args.command in ("up", "rollback"):
+            check = getattr(args, "check", False)
+            path, created = create_key(key) if not check else (key, False)
+            if created:
+                print(f"created cluster key {path}")
+            only = None
+            if getattr(args, "retry_failed", False):
+                only = deployer.failed_last_time()
+                if not only:
+                    print("nothing failed at the last run: nothing to retry")
+                    return 0
+            ok = deployer.up(low, high, only, rollback=args.command == "rollback")
+            if ok and not check:  # a failed up keeps what the last good one remembered
+                remember_range(state, low, high)
+            if live := _tree_or_none(uds):
+                print(live)
+        elif args.command == "copy":
+            create_key(key)
+            deployer.copy(hosts)
+            ok = deployer.report(hosts)
+        else:
+            ok = deployer.down(hosts, master_too=whole)
     return 0 if ok else 1
+
+
+def check_up_front(ssh: SshOptions) -> None:
+    """What every host would fail on alike is one error before any host is contacted."""
+    if ssh.identity and not os.access(ssh.identity, os.R_OK):
+        why = "does not exist" if not os.path.exists(ssh.identity) else "cannot be read"
+        raise GprocError(f"--identity {ssh.identity} {why}: give the private key file")
+    known = ssh.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+    if not ssh.accept_new_host_keys and not os.path.isfile(known):
+        raise GprocError(
+            f"no known_hosts file at {known}: every host key would be unknown; give "
+            "--known-hosts FILE, or --accept-new-host-keys to trust and remember them"
+        )
+
+
+def status_against_deployed(state: Path, tree: dict, args: argparse.Namespace) -> int:
+    """1, naming them, when hosts this front-end deployed are missing from the tree or lost."""
+    from gproc.client import tree_rows
+    from gproc.locales import LocaleOptions, load_locale
+    from gproc.nodespec import fold
+
+    try:
+        low, high = last_range(state)
+    except GprocError:
+        return 0  # nothing deployed from here to compare with
+    opts = LocaleOptions(cmdport=args.cmdport, bin_root=args.bin_root or "/tmp/xproc")
+    wanted = [h.name for h in load_locale(args.locale, opts).hosts(low, high)]
+    seen = {name: st for _, name, _, _, st in tree_rows(tree)[1:]}
+    missing = [n for n in wanted if n not in seen]
+    lost = [n for n in wanted if seen.get(n) not in (None, "up")]
+    if not missing and not lost:
+        return 0
+    parts = [f"missing: {fold(missing)}"] if missing else []
+    parts += [f"lost: {fold(lost)}"] if lost else []
+    print(f"gproc-deploy: deployed hosts not up in the tree: {'; '.join(parts)}", file=sys.stderr)
+    return 1
 
 
 def _tree_or_none(uds: str) -> str | None:
@@ -254,7 +376,13 @@ def ssh_state_dir(locale: str, cmdport: int) -> Path:
 
 
 def remember_range(state: Path, low: int, high: int) -> None:
+    """What this front-end has deployed, widened by every good up: plain down covers it."""
     state.mkdir(parents=True, exist_ok=True)
+    try:
+        before = last_range(state)
+        low, high = min(low, before[0]), max(high, before[1])
+    except GprocError:
+        pass
     (state / "deploy.json").write_text(json.dumps({"low": low, "high": high}))
 
 

@@ -36,6 +36,8 @@ class Settings:
     key: str | None = None
     debug: int = 1
     heartbeat: float = 5.0
+    allow: str = "owner"  # gproc m -allow: who may use the tree
+    reconnect: float = 0.0  # gproc s -reconnect: seconds a slave waits for a parent to return
 
 
 def state_dir(cmdport: int) -> Path:
@@ -74,6 +76,10 @@ class LocalTree:
         ]
         if s.key:
             argv += ["-key", s.key]
+        if mode == ("m",):
+            argv += ["-allow", s.allow]
+        elif s.reconnect:
+            argv += ["-reconnect", str(s.reconnect)]
         return argv + list(mode)
 
     def pid(self, name: str) -> int | None:

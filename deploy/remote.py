@@ -8,11 +8,13 @@ host key), or it was reached and something there failed (:class:`Failed`).
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 ACCEPT_SWITCH = "--accept-new-host-keys"
+RUN = f"{os.getpid()}-{secrets.token_hex(3)}"  # this gproc-deploy run, in temporary names
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,11 @@ class SshOptions:
 
 
 class Unreachable(Exception):
-    """The node could not be reached, or not trusted: UNREACHABLE."""
+    """The node could not be reached, or not trusted: unreachable."""
 
 
 class Failed(Exception):
-    """The node was reached but a step failed there: FAILED."""
+    """The node was reached but a step failed there: failed."""
 
 
 class Remote:
@@ -120,7 +122,7 @@ class Remote:
 
     def upload(self, local: Path, remote: str, mode: int) -> None:
         """Copy a file to a temporary name, set its mode, and move it into place."""
-        tmp = f"{remote}.tmp"
+        tmp = f"{remote}.tmp-{RUN}"  # a run's own temporary: two runs never share one
         try:
             self.conn.put(str(local), tmp)
         except (OSError, EOFError) as e:

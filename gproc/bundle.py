@@ -268,8 +268,16 @@ class Unpacker:
     :class:`BlobCache`.
     """
 
-    def __init__(self, root: Path, entries: list[Entry], tag: str, cache: BlobCache | None = None):
+    def __init__(
+        self,
+        root: Path,
+        entries: list[Entry],
+        tag: str,
+        cache: BlobCache | None = None,
+        root_mode: int = 0o755,
+    ):
         self.root = root
+        self.root_mode = root_mode  # of ``root`` when made here: a job's staging is 0700
         self.tag = tag
         self.entries = entries
         self.cache = cache
@@ -468,9 +476,10 @@ class Unpacker:
         while not os.path.isdir(host):
             missing.append(host)
             host = os.path.dirname(host)
+        top = os.path.abspath(self.root)
         for d in reversed(missing):
             try:
-                os.mkdir(d, 0o755)
+                os.mkdir(d, self.root_mode if d == top else 0o755)
             except FileExistsError:
                 if not _is_dir(d):
                     raise

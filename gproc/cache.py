@@ -95,6 +95,7 @@ class BlobCache:
         self.path = str(path)  # plain strings: pathlib costs more than the syscalls here
         self.limit = limit
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # the daemon's alone: jobs get copies, never the blobs
         self._lock = threading.Lock()
         self._names = itertools.count()
         self._clone = True  # until FICLONE says this file system has no reflinks

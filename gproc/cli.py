@@ -1,7 +1,7 @@
 """The ``gproc`` command: one program, one-letter modes, the seed's Go-style switches.
 
-Switches come before the mode (``gproc -locale=kane s``); for ``e`` they may also follow it,
-before the node spec. ``-name=value`` and ``-name value`` both work, and boolean switches take
+Switches come before the mode (``gproc -locale=kane s``) and may also follow it (for ``e``,
+before the node spec). ``-name=value`` and ``-name value`` both work, and boolean switches take
 ``-p=false`` as Go's flag package does.
 """
 
@@ -16,8 +16,16 @@ import sys
 from gproc import nodespec
 from gproc.errors import GprocError
 
-MODES = {"m": "master", "s": "slave", "e": "exec", "i": "info", "k": "key"}
-BOOLS = ("p", "localbin", "raw", "b", "ldenv", "skipMissing")
+MODES = {
+    "m": "master",
+    "s": "slave",
+    "e": "exec",
+    "i": "info",
+    "k": "key",
+    "cp": "copy",
+    "rcp": "rcopy",
+}
+BOOLS = ("p", "localbin", "raw", "b", "json", "ldenv", "skipMissing", "jobs", "n")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
 DESCRIPTION = """\
@@ -30,11 +38,19 @@ modes:
                          on the Unix socket -defaultMasterUDS
   s                      slave, on every node: registers with its parent (from -locale),
                          runs jobs, serves its own children
-  e NODES CMD [ARGS...]  exec: run CMD on the nodes NODES selects; exits with the largest
-                         exit status (128+signal), 255 when a node was lost or unreachable
+  e NODES CMD [ARGS...]  exec: run CMD on the nodes NODES selects (or -w names); exits with
+                         the largest exit status (128+signal), 124 when a node timed out
+                         (-t, -u), 255 when a node was lost or unreachable; gproc's input,
+                         unless a terminal (or -n), goes to every program; SIGTERM, SIGHUP,
+                         SIGUSR1 and SIGUSR2 reach every program
   i                      info: the whole tree, every node's id path, name, address, level
-                         and state
+                         and state; with -jobs, the running jobs and their users
   k                      key: create the cluster key (-key) if there is none
+  cp NODES SRC... DEST   copy files or directories to DEST on every selected node, through
+                         the tree, as you, each file under a temporary name then renamed,
+                         modes kept; into DEST when it is a directory (or ends in /)
+  rcp NODES SRC DEST     gather SRC (an absolute path) from every selected node into the
+                         local directory DEST, as DEST/NAME.NODE
 
 node specs:  1-80   nodes 1 to 80 of the first level     .    every first-level node
              1/.    node 1 and all its children           ./.  every node of a 2-level tree
@@ -113,10 +129,64 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
         metavar="SECONDS",
     )
     add("key", "cluster key file (default ~/.config/gproc/cluster.key)", metavar="PATH")
+    add(
+        "reconnect",
+        "s: when the parent goes away, keep the children and register again within S seconds "
+        "(a parent restarting in a rolling upgrade); 0, the default, exits with the parent",
+        type=float,
+        metavar="S",
+    )
+    add(
+        "pidfile",
+        "s: write 'PID START-TIME' here once serving, removed on exit (gproc-deploy uses it "
+        "to stop exactly this daemon)",
+        metavar="PATH",
+    )
+    add(
+        "allow",
+        "m: who may use the tree: owner (the master's user, socket 0600), all (every local "
+        "user, 0666) or group:NAME (0660); each job runs as its user on every node "
+        "(default owner)",
+        metavar="WHO",
+    )
+    add(
+        "export",
+        "e: environment shipped to the nodes: ALL, NONE or NAME,NAME... (default ALL); the "
+        "nodes set USER, HOME, SHELL and PATH for what is not shipped",
+        metavar="WHAT",
+    )
     flag("raw", "e: print output bytes as they come, without node labels")
     flag("b", "e: fold identical outputs at the end under one node set, like clush -b")
+    flag("json", "e: one JSON object per line on stdout for every event; schema: docs/OUTPUT.md")
     flag("ldenv", "e: run through LD_LIBRARY_PATH and the node's loader, as the original did")
     flag("skipMissing", "e: ship what can be found when a library is missing")
+    flag("jobs", "i: list the running jobs (id, user, program, nodes, seconds) instead")
+    add(
+        "w",
+        "e: run on these nodes, by name, wherever they sit in the tree: ClusterShell node set "
+        "syntax, kn[1-20,45],kn60 (the node spec may then be left out)",
+        metavar="NODES",
+    )
+    add("x", "e: never run on these nodes (node set syntax, as -w)", metavar="NODES")
+    add(
+        "t",
+        "e: a node that has not started the program S seconds after the job reached it gives "
+        "up and is reported (timed out starting: ...); the job goes on elsewhere (exit 124)",
+        type=float,
+        metavar="S",
+    )
+    add(
+        "u",
+        "e: after S seconds the program is killed wherever it still runs; those nodes are "
+        "named (timed out: ...) and the exit status is 124, as timeout(1)'s",
+        type=float,
+        metavar="S",
+    )
+    flag(
+        "n",
+        "e: give the programs /dev/null as input; without it, gproc's input is sent to every "
+        "node's program when it is not a terminal",
+    )
 
 
 DEFAULTS = {
@@ -136,10 +206,21 @@ DEFAULTS = {
     "key": None,
     "cacheMB": 512,
     "heartbeat": 5.0,
+    "allow": "owner",
+    "pidfile": None,
+    "reconnect": 0.0,
+    "export": "ALL",
     "raw": False,
     "b": False,
+    "json": False,
     "ldenv": False,
     "skipMissing": False,
+    "jobs": False,
+    "w": "",
+    "x": "",
+    "t": 0.0,
+    "u": 0.0,
+    "n": False,
 }
 
 
@@ -148,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gproc",
         description=DESCRIPTION,
         allow_abbrev=False,
-        usage="gproc [switches] m | s | e NODES CMD [ARGS...] | i | k",
+        usage="gproc [switches] m | s | e NODES CMD [ARGS...] | i | k | cp NODES SRC... DEST "
+        "| rcp NODES SRC DEST",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_switches(p)
@@ -200,32 +282,73 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.rest = rest[1:]
     mode = MODES.get(args.mode) or (args.mode if args.mode in MODES.values() else None)
     if mode is None:
-        raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i or k"))
+        raise SystemExit(usage_error(f"unknown mode {args.mode!r}: use m, s, e, i, k, cp or rcp"))
     args.mode = mode
     if args.heartbeat <= 0:
         raise SystemExit(usage_error(f"-heartbeat must be positive, not {args.heartbeat}"))
-    if mode == "exec":
+    if mode in ("exec", "copy", "rcopy"):
         _parse_exec(args)
-    elif args.rest:
-        raise SystemExit(usage_error(f"mode {mode} takes no arguments, got {args.rest[0]!r}"))
+    else:
+        rest = _trailing_switches(args, args.rest)
+        if rest:
+            raise SystemExit(usage_error(f"mode {mode} takes no arguments, got {rest[0]!r}"))
     return args
 
 
-def _parse_exec(args: argparse.Namespace) -> None:
-    """Switches may follow ``e``; then come the node spec and the command."""
-    switches, rest = split_switches(go_style(args.rest))
-    p = argparse.ArgumentParser(prog="gproc e", allow_abbrev=False, add_help=False)
+def _trailing_switches(args: argparse.Namespace, tokens: list[str]) -> list[str]:
+    """Switches after the mode (``gproc i -jobs``, ``gproc e -p=false ...``) into ``args``;
+    returns what follows them."""
+    switches, rest = split_switches(go_style(tokens))
+    p = argparse.ArgumentParser(prog=f"gproc {args.mode}", allow_abbrev=False, add_help=False)
     add_switches(p, default=argparse.SUPPRESS)
     vars(args).update(vars(p.parse_args(switches)))
+    return rest
+
+
+def _parse_exec(args: argparse.Namespace) -> None:
+    """Switches may follow ``e``; then come the node spec (optional with -w) and the command."""
+    rest = _trailing_switches(args, args.rest)
+    args.only = node_set(args.w, "-w")
+    args.exclude = node_set(args.x, "-x")
+    if args.only and rest and not _is_spec(rest[0]):
+        rest = ["", *rest]  # -w names the nodes: no spec needed
+    what = {"exec": "a command", "copy": "SRC... DEST", "rcopy": "SRC DEST"}[args.mode]
     if not rest:
-        raise SystemExit(usage_error("e needs a node spec and a command"))
-    if len(rest) < 2:
-        raise SystemExit(usage_error("e needs a command after the node spec"))
+        raise SystemExit(usage_error(f"{args.mode} needs a node spec (or -w NODES) and {what}"))
+    least, most = {"exec": (2, None), "copy": (3, None), "rcopy": (3, 3)}[args.mode]
+    if len(rest) < least or (most is not None and len(rest) > most):
+        raise SystemExit(usage_error(f"{args.mode} needs {what} after the node spec"))
     args.spec, args.command = rest[0], rest[1:]
+    if args.spec:
+        try:
+            nodespec.parse(args.spec)
+        except nodespec.SpecError as e:
+            raise SystemExit(usage_error(str(e))) from None
+    for name in ("t", "u"):
+        value = getattr(args, name)
+        if value < 0:
+            raise SystemExit(usage_error(f"-{name} takes seconds (0 or more), not {value}"))
+
+
+def _is_spec(token: str) -> bool:
+    """Whether a word after ``e -w NODES`` is a node spec rather than the command."""
     try:
-        nodespec.parse(args.spec)
-    except nodespec.SpecError as e:
-        raise SystemExit(usage_error(str(e))) from None
+        nodespec.parse(token)
+    except nodespec.SpecError:
+        return False
+    return True
+
+
+def node_set(text: str, switch: str) -> list[str]:
+    """Node names in ClusterShell's node set syntax (``kn[1-20,45],kn60``), expanded."""
+    if not text:
+        return []
+    from ClusterShell.NodeSet import NodeSet, NodeSetException
+
+    try:
+        return list(NodeSet(text))
+    except NodeSetException as e:
+        raise SystemExit(usage_error(f"{switch} {text!r}: not a node set ({e})")) from None
 
 
 def setup_logging(level: int) -> None:

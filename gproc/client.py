@@ -9,34 +9,47 @@ while already printing what comes back, and exits with the job's status.
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
-from gproc import nodespec
+from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
+from gproc.jsonout import JsonPrinter
 from gproc.output import FOLD_ABOVE, Printer, fold_levels
+from gproc.progress import ExecProgress
 from gproc.protocol import (
     LENGTH,
     MAX_FRAME,
     Data,
     Done,
+    Drain,
+    Draining,
     Error,
     Exit,
     Frame,
     Info,
+    Input,
     JobHeader,
+    Late,
     Lost,
     Need,
     Out,
     Plan,
     ProtocolError,
+    Signal,
     Tree,
     TreeReply,
     decode,
     frame_bytes,
 )
+
+INPUT_CHUNK = 64 << 10  # bytes of standard input per frame
 
 
 class ClientError(GprocError):
@@ -57,19 +70,49 @@ class ExecOptions:
     skip_missing: bool = False
     raw: bool = False
     fold: bool = False
+    json: bool = False
+    export: str = "ALL"
+    only: list[str] = field(default_factory=list)  # -w: run on these nodes (names)
+    exclude: list[str] = field(default_factory=list)  # -x: never on these
+    stdin: bool = False  # send our standard input to the programs (not a terminal, no -n)
+    start_timeout: float = 0.0  # -t
+    run_timeout: float = 0.0  # -u
+    copy: bool = False  # gproc cp: argv is DEST SOURCE..., the sources are shipped
+
+
+def exported_env(export: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment shipped with the job, as srun's --export: ALL, NONE or NAME,NAME...
+
+    What is not shipped never leaves this machine; the nodes then set what a login would
+    (USER, LOGNAME, HOME, SHELL, PATH) for the job's user.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    if export == "ALL":
+        return environ
+    if export == "NONE":
+        return {}
+    names = [n.strip() for n in export.split(",")]
+    bad = [n for n in names if not n or "=" in n or n in ("ALL", "NONE")]
+    if bad:
+        raise ClientError(
+            f"-export {export!r}: give ALL, NONE, or variable names separated by commas "
+            f"(NAME,NAME...); {bad[0]!r} is not a name"
+        )
+    return {n: environ[n] for n in names if n in environ}
 
 
 def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
     """The job header and the packed files, from the user's command line."""
     from gproc import elf
 
-    nodespec.parse(opts.spec)  # fail on a bad spec before any work
+    if opts.spec or not opts.only:
+        nodespec.parse(opts.spec)  # fail on a bad spec before any work
     packer = Packer()
     header = JobHeader(
         job="",
         spec=opts.spec,
         argv=list(opts.argv),
-        env=dict(os.environ),
+        env=exported_env(opts.export),
         cwd=os.getcwd(),
         mode="local",
         prog="",
@@ -79,8 +122,17 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
         private=opts.private,
         manifest=[],
         total=0,
+        stdin=opts.stdin,
+        start_ms=round(opts.start_timeout * 1000),
+        run_ms=round(opts.run_timeout * 1000),
+        only=list(opts.only),
+        exclude=list(opts.exclude),
     )
-    if not opts.localbin:
+    if opts.copy:
+        header.mode = "copy"
+        for source in opts.argv[1:]:
+            packer.add_host_path(source)
+    elif not opts.localbin:
         prog = elf.find_program(opts.argv[0], opts.root)
         header.prog = prog
         if elf.is_elf(elf.resolve_in_root(opts.root, prog)):
@@ -119,15 +171,19 @@ class BlockingConn:
     """A framed Unix-socket connection for a client: one thread may send while one receives.
 
     It spares every ``gproc e`` the import of asyncio. The master's socket needs no MAC: its
-    file permissions say who may connect.
+    file mode says who may connect, and the kernel tells each side who the other is
+    (``SO_PEERCRED``, gproc.users).
     """
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.rfile = sock.makefile("rb")
+        self.sending = threading.Lock()  # file bytes and signals go out from two threads
 
     def send(self, frame: Frame) -> None:
-        self.sock.sendall(frame_bytes(frame))
+        data = frame_bytes(frame)
+        with self.sending:
+            self.sock.sendall(data)
 
     def recv(self) -> Frame | None:
         """The next frame, or None on a clean end of stream between frames."""
@@ -162,27 +218,80 @@ def connect(uds: str) -> BlockingConn:
     except PermissionError:
         sock.close()
         raise ClientError(
-            f"{uds} belongs to another user's master; use -defaultMasterUDS to name yours"
+            f"{uds} belongs to a master you may not use (its -allow); "
+            "use -defaultMasterUDS to name your tree's socket"
         ) from None
+    server = users.peer_of(sock)
+    if server.uid not in (0, os.geteuid()):
+        sock.close()
+        raise ClientError(
+            f"{uds} is served by {users.describe(server.uid)}, not root or you: it may be "
+            "another user's trap, so nothing was sent; use -defaultMasterUDS to name your "
+            "tree's socket"
+        )
     return BlockingConn(sock)
 
 
 def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     """Run the job; the exit status of the whole job (see gproc.output)."""
     header, manifest = build_job(opts)
-    printer = printer or Printer(raw=opts.raw, folded=opts.fold)
+    progress = ExecProgress(None if opts.json or opts.raw else sys.stderr)
+    if printer is None:
+        chosen = JsonPrinter() if opts.json else Printer(raw=opts.raw, folded=opts.fold)
+        printer = progress.around(chosen)
     conn = connect(opts.uds)
-    sender = Sender(conn, manifest)
+    sender = Sender(conn, manifest, progress, sys.stdin.buffer if opts.stdin else None)
     try:
         conn.send(header)
-        _follow(conn, printer, sender)
+        with Forwarder(conn):
+            _follow(conn, printer, sender)
     except BrokenPipeError:
         raise  # our own stdout closed (gproc e ... | head): not the master's doing
     except OSError as e:
         raise ClientError(sender.error or f"lost the master: {e.strerror or e}") from None
     finally:
+        progress.close()
         conn.close()
     return printer.finish()
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Forwarder:
+    """While a job runs, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 sent to ``gproc e`` go to the
+    job's programs on every node (Ctrl-C, SIGINT, kills the job instead).
+
+    The handler only queues the signal; a thread sends it, so a signal arriving while this
+    thread is itself sending never waits on its own lock.
+    """
+
+    def __init__(self, conn: BlockingConn):
+        self.conn = conn
+        self.pending: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> Forwarder:
+        if threading.current_thread() is threading.main_thread():
+            for signum in FORWARDED:
+                self.saved[signum] = signal.signal(signum, self._queue)
+            threading.Thread(target=self._send, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self.pending.put(None)
+
+    def _queue(self, signum: int, frame: object) -> None:
+        self.pending.put(signum)
+
+    def _send(self) -> None:
+        while (signum := self.pending.get()) is not None:
+            try:
+                self.conn.send(Signal("", signum))
+            except OSError:
+                return
 
 
 def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
@@ -195,13 +304,16 @@ def _follow(conn: BlockingConn, printer: Printer, sender: Sender) -> None:
             printer.exited(frame.node, frame.status)
         elif kind is Lost:
             printer.node_lost(frame.nodes, frame.reason)
+        elif kind is Late:
+            printer.timed_out(frame.nodes, frame.phase)
         elif kind is Plan:
             printer.planned = frame.nodes
             printer.unreachable = frame.unreachable
         elif kind is Need:
             sender.start(frame.files)
         elif kind is Error:
-            raise ClientError(frame.message)
+            why = f"; unreachable: {', '.join(frame.unreachable)}" if frame.unreachable else ""
+            raise ClientError(frame.message + why)
         elif kind is Done:
             return
         else:
@@ -217,23 +329,45 @@ class Sender:
     reports :attr:`error`.
     """
 
-    def __init__(self, conn: BlockingConn, manifest: list[Entry]):
+    def __init__(
+        self,
+        conn: BlockingConn,
+        manifest: list[Entry],
+        progress: ExecProgress | None = None,
+        stdin: BinaryIO | None = None,
+    ):
         self.conn = conn
         self.manifest = manifest
+        self.progress = progress or ExecProgress(None)
+        self.stdin = stdin
         self.error: str | None = None
 
     def start(self, needed: list[int]) -> None:
+        self.progress.sending(sum(self.manifest[i].size for i in needed))
         threading.Thread(target=self._send, args=(needed,), daemon=True).start()
 
     def _send(self, needed: list[int]) -> None:
         try:
             for index, chunk in chunks(self.manifest, needed):
                 self.conn.send(Data("", index, chunk))
+                self.progress.sent(len(chunk))
+            if self.stdin is not None:
+                self._send_input(self.stdin)
         except BundleError as e:
             self._abort(str(e))
         except OSError as e:
             if not isinstance(e, (BrokenPipeError, ConnectionResetError)):
                 self._abort(f"cannot read {e.filename or 'a shipped file'}: {e.strerror or e}")
+
+    def _send_input(self, stdin: BinaryIO) -> None:
+        """Our standard input, after the files, to every node's program; then its end.
+
+        The master forwards it as the job's window allows, so a fast producer waits here.
+        """
+        fd = stdin.fileno()
+        while data := os.read(fd, INPUT_CHUNK):
+            self.conn.send(Input("", data))
+        self.conn.send(Input("", b""))
 
     def _abort(self, why: str) -> None:
         self.error = f"{why}; the job was cancelled"
@@ -243,7 +377,27 @@ class Sender:
             pass
 
 
+def drain(uds: str, nodes: list[str], on: bool) -> list[str]:
+    """Take nodes out of service for new jobs (or back); the jobs still running on them."""
+    conn = connect(uds)
+    try:
+        conn.send(Drain(nodes, on))
+        reply = conn.recv()
+    finally:
+        conn.close()
+    if type(reply) is Error:
+        raise ClientError(reply.message)
+    if type(reply) is not Draining:
+        raise ClientError(f"the master did not answer the drain request: {reply!r}")
+    return reply.busy
+
+
 def fetch_tree(uds: str) -> Tree:
+    return fetch_info(uds).tree
+
+
+def fetch_info(uds: str) -> TreeReply:
+    """The tree and the running jobs, as the master sees them."""
     conn = connect(uds)
     try:
         conn.send(Info())
@@ -254,7 +408,7 @@ def fetch_tree(uds: str) -> Tree:
         raise ClientError(reply.message)
     if type(reply) is not TreeReply:
         raise ClientError(f"the master did not answer the info request: {reply!r}")
-    return reply.tree
+    return reply
 
 
 def tree_rows(tree: Tree) -> list[tuple[str, str, str, int, str]]:
@@ -285,3 +439,16 @@ def format_tree(tree: Tree) -> str:
     up = sum(1 for r in rows[1:] if r[4] == "up")
     lines.append(f"{len(rows) - 1} nodes below {tree['name']}: {up} up, {len(rows) - 1 - up} lost")
     return "\n".join(lines)
+
+
+def format_jobs(jobs: list[list[object]]) -> str:
+    """The running jobs as a table (who runs what, where, for how long)."""
+    if not jobs:
+        return "no jobs running"
+    table = [("JOB", "USER", "PROGRAM", "NODES", "SECONDS")]
+    table += [(str(j), str(u), str(p), str(s) or "-", str(t)) for j, u, p, s, t in jobs]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in table
+    )

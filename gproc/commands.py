@@ -46,7 +46,9 @@ def key_for(args: argparse.Namespace) -> bytes:
 
 def do_master(args: argparse.Namespace) -> int:
     from gproc.master import Master
+    from gproc.users import Allow
 
+    allow = Allow.parse(args.allow)
     locale = locale_for(args)
     master = Master(
         locale.master_name(),
@@ -54,6 +56,7 @@ def do_master(args: argparse.Namespace) -> int:
         args.defaultMasterUDS,
         key_for(args),
         args.heartbeat,
+        allow,
     )
 
     async def serve() -> None:
@@ -80,6 +83,8 @@ def do_slave(args: argparse.Namespace) -> int:
         place.parent,
         key_for(args),
         args.heartbeat,
+        args.pidfile,
+        max(args.reconnect, 0.0),
     )
     return run_daemon(slave.run)
 
@@ -107,9 +112,49 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 
 
 def do_exec(args: argparse.Namespace) -> int:
-    from gproc.client import ExecOptions, run_exec
+    from gproc.client import run_exec
 
-    opts = ExecOptions(
+    if args.json and (args.raw or args.b):
+        from gproc.cli import usage_error
+
+        other = "-raw" if args.raw else "-b"
+        raise SystemExit(
+            usage_error(f"-json and {other} do not go together: both choose how output is printed")
+        )
+    return run_exec(exec_options(args))
+
+
+def do_copy(args: argparse.Namespace) -> int:
+    """gproc cp NODES SRC... DEST: the sources, shipped, placed by each node as the user."""
+    from gproc.client import run_exec
+    from gproc.copying import check_sources
+
+    *sources, dest = args.command
+    opts = exec_options(args, stdin=False)
+    opts.argv, opts.copy, opts.private = [dest, *check_sources(sources)], True, True
+    return run_exec(opts)
+
+
+def do_rcopy(args: argparse.Namespace) -> int:
+    """gproc rcp NODES SRC DEST: SRC from every node into DEST/NAME.NODE here."""
+    import os
+
+    from gproc.client import run_exec
+    from gproc.copying import CopyError, Gatherer, rcp_argv
+
+    source, dest = args.command
+    if not os.path.isdir(dest):
+        raise CopyError(f"gproc rcp: {dest} is not a directory here: make it first")
+    opts = exec_options(args, stdin=False)
+    opts.argv, opts.localbin, opts.private = rcp_argv(source), True, True
+    return run_exec(opts, Gatherer(source, dest))
+
+
+def exec_options(args: argparse.Namespace, stdin: bool | None = None):  # noqa: ANN201
+    """The job a command line asks for (gproc e, and cp and rcp, which are jobs too)."""
+    from gproc.client import ExecOptions
+
+    return ExecOptions(
         spec=args.spec,
         argv=args.command,
         uds=args.defaultMasterUDS,
@@ -122,14 +167,32 @@ def do_exec(args: argparse.Namespace) -> int:
         skip_missing=args.skipMissing,
         raw=args.raw,
         fold=args.b,
+        json=args.json,
+        export=args.export,
+        only=args.only,
+        exclude=args.exclude,
+        stdin=(not args.n and _piped_stdin()) if stdin is None else stdin,
+        start_timeout=args.t,
+        run_timeout=args.u,
     )
-    return run_exec(opts)
+
+
+def _piped_stdin() -> bool:
+    """Our standard input is there and is not a terminal: it goes to the programs."""
+    import os
+
+    try:
+        os.fstat(0)
+    except OSError:
+        return False
+    return not os.isatty(0)
 
 
 def do_info(args: argparse.Namespace) -> int:
-    from gproc.client import fetch_tree, format_tree
+    from gproc.client import fetch_info, format_jobs, format_tree
 
-    print(format_tree(fetch_tree(args.defaultMasterUDS)))
+    info = fetch_info(args.defaultMasterUDS)
+    print(format_jobs(info.jobs) if args.jobs else format_tree(info.tree))
     return 0
 
 
@@ -143,4 +206,12 @@ def do_key(args: argparse.Namespace) -> int:
     return 0
 
 
-MODES = {"master": do_master, "slave": do_slave, "exec": do_exec, "info": do_info, "key": do_key}
+MODES = {
+    "master": do_master,
+    "slave": do_slave,
+    "exec": do_exec,
+    "info": do_info,
+    "key": do_key,
+    "copy": do_copy,
+    "rcopy": do_rcopy,
+}

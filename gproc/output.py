@@ -23,14 +23,23 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from typing import BinaryIO
 
 from gproc.nodespec import fold
 
 EXIT_LOST = 255
+EXIT_TIMEOUT = 124  # a node timed out (-t, -u), as timeout(1) exits
 
 # Longest piece of one line printed under one label; longer lines continue under "node+: ".
 MAX_LINE = 1 << 20
+
+
+# How a line (or a piece of one) reaches whoever shows it: (bytes, cont, newline). ``cont``:
+# this piece continues the previous one of the same line; ``newline``: the node's newline came
+# right after it. The bytes (bytes, bytearray or memoryview) are valid only during the call.
+Chunk = bytes | bytearray | memoryview
+Piece = Callable[[Chunk, bool, bool], None]
 
 
 class _Partial:
@@ -41,6 +50,96 @@ class _Partial:
     def __init__(self) -> None:
         self.data = bytearray()
         self.continued = False  # pieces of this line were printed already
+
+
+class Lines:
+    """Cuts what each node prints, per node and stream, into lines and pieces of at most
+    :data:`MAX_LINE` bytes (module doc); the labelled printer and the JSON one share it."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[str, int], _Partial] = {}
+
+    def feed(self, node: str, fd: int, data: bytes, piece: Piece) -> None:
+        """Hand ``piece`` every line (or full piece of a long one) that ``data`` completes."""
+        pending = self.partial.get((node, fd))
+        if pending is None:
+            pending = self.partial[(node, fd)] = _Partial()
+        first = data.find(b"\n")
+        if first < 0:
+            pending.data += data
+        else:
+            # the line that was pending ends here; whole lines follow, then a new partial one
+            last = data.rfind(b"\n")
+            pending.data += memoryview(data)[:first]
+            _pieces(piece, pending.data, pending.continued, True)
+            pending.data.clear()
+            pending.continued = False
+            if last > first:
+                for line in data[first + 1 : last].split(b"\n"):
+                    _pieces(piece, line, False, True)
+            pending.data += memoryview(data)[last + 1 :]
+        if len(pending.data) > MAX_LINE:
+            # hand out the full pieces now; keep the rest (1 to MAX_LINE bytes) for what follows
+            whole = (len(pending.data) - 1) // MAX_LINE * MAX_LINE
+            _pieces(piece, memoryview(pending.data)[:whole], pending.continued, False)
+            del pending.data[:whole]
+            pending.continued = True
+
+    def flush(self, node: str, fd: int, piece: Piece) -> None:
+        """Hand out what ``node`` left on ``fd`` without a final newline, and forget it."""
+        pending = self.partial.pop((node, fd), None)
+        if pending and pending.data:
+            _pieces(piece, pending.data, pending.continued, False)
+
+    def nodes(self) -> set[str]:
+        """The nodes that have part of a line held."""
+        return {node for node, _ in self.partial}
+
+
+def _pieces(piece: Piece, line: Chunk, cont: bool, newline: bool) -> None:
+    """``line`` to ``piece`` in pieces of at most MAX_LINE bytes (one, empty, for "")."""
+    if len(line) <= MAX_LINE:  # nearly every line: no view, no loop
+        piece(line, cont, newline)
+        return
+    view = memoryview(line)
+    size = len(view)
+    for start in range(0, max(size, 1), MAX_LINE):
+        end = start + MAX_LINE
+        piece(view[start:end], cont or start > 0, newline and end >= size)
+
+
+def _labelled(out: bytearray, node: bytes) -> Piece:
+    """A piece handler appending each piece to ``out`` as a line labelled with ``node``."""
+
+    def piece(line: Chunk, cont: bool, _newline: bool) -> None:
+        out.extend(node + (b"+: " if cont else b": "))
+        out.extend(line)
+        out.extend(b"\n")
+
+    return piece
+
+
+def unreported(planned: list[str], status: dict[str, int], lost: dict[str, str]) -> list[str]:
+    """Planned nodes that neither exited nor were lost by the end: they count as lost."""
+    return [n for n in planned if n not in status and n not in lost]
+
+
+NO_REPORT = "no report from the node"
+
+
+def job_status(
+    status: dict[str, int],
+    lost: dict[str, str],
+    unreachable: list[str],
+    late: dict[str, str] | None = None,
+) -> int:
+    """The exit status of the whole job (module doc): 255 when a node was lost or could not
+    be reached, else 124 when one timed out (-t, -u), else the largest a node returned."""
+    if lost or unreachable:
+        return EXIT_LOST
+    if late:
+        return EXIT_TIMEOUT
+    return max(status.values(), default=0)
 
 
 class Printer:
@@ -55,12 +154,13 @@ class Printer:
         self.folded = folded
         self.out = out or sys.stdout.buffer
         self.err = err or sys.stderr.buffer
-        self.partial: dict[tuple[str, int], _Partial] = {}
+        self.lines = Lines()
         self.gathered: dict[str, bytearray] = defaultdict(bytearray)
         self.status: dict[str, int] = {}
         self.lost: dict[str, str] = {}
         self.unreachable: list[str] = []
         self.planned: list[str] = []
+        self.late: dict[str, str] = {}  # node -> "start" (-t) or "run" (-u)
 
     # ------------------------------------------------------------ as frames arrive
 
@@ -73,45 +173,11 @@ class Printer:
         if self.folded and fd == 1:
             self.gathered[node] += data
             return
-        pending = self.partial.get((node, fd))
-        if pending is None:
-            pending = self.partial[(node, fd)] = _Partial()
-        label = node.encode()
         out = bytearray()
-        first = data.find(b"\n")
-        if first < 0:
-            pending.data += data
-        else:
-            # the line that was pending ends here; whole lines follow, then a new partial one
-            last = data.rfind(b"\n")
-            pending.data += memoryview(data)[:first]
-            self._line(out, label, pending.data, pending.continued)
-            pending.data.clear()
-            pending.continued = False
-            if last > first:
-                for line in data[first + 1 : last].split(b"\n"):
-                    self._line(out, label, line, False)
-            pending.data += memoryview(data)[last + 1 :]
-        if len(pending.data) > MAX_LINE:
-            # print the full pieces now; keep the rest (1 to MAX_LINE bytes) for what follows
-            whole = (len(pending.data) - 1) // MAX_LINE * MAX_LINE
-            self._line(out, label, memoryview(pending.data)[:whole], pending.continued)
-            del pending.data[:whole]
-            pending.continued = True
+        self.lines.feed(node, fd, data, _labelled(out, node.encode()))
         if out:
             stream.write(out)
             stream.flush()
-
-    @staticmethod
-    def _line(
-        out: bytearray, node: bytes, line: bytes | bytearray | memoryview, cont: bool
-    ) -> None:
-        """Append ``line`` labelled with ``node``, in pieces of at most MAX_LINE bytes."""
-        view = memoryview(line)
-        for start in range(0, max(len(view), 1), MAX_LINE):
-            out += node + (b"+: " if cont or start else b": ")
-            out += view[start : start + MAX_LINE]
-            out += b"\n"
 
     def exited(self, node: str, status: int) -> None:
         self._flush_node(node)
@@ -131,13 +197,16 @@ class Printer:
             self.err.write(f"gproc: lost {fold(new)}: {reason}\n".encode())
             self.err.flush()
 
+    def timed_out(self, nodes: list[str], phase: str) -> None:
+        for node in nodes:
+            self.late.setdefault(node, phase)
+
     def _flush_node(self, node: str) -> None:
         """Print what a node left without a final newline, as a line of its own."""
         for fd in (1, 2):
-            pending = self.partial.pop((node, fd), None)
-            if pending and pending.data:
-                out = bytearray()
-                self._line(out, node.encode(), pending.data, pending.continued)
+            out = bytearray()
+            self.lines.flush(node, fd, _labelled(out, node.encode()))
+            if out:
                 stream = self.err if fd == 2 else self.out
                 stream.write(out)
                 stream.flush()
@@ -146,17 +215,13 @@ class Printer:
 
     def finish(self) -> int:
         """Print folded output and the summary; return the exit status of the whole job."""
-        for node in list({n for n, _ in self.partial}):
+        for node in self.lines.nodes():
             self._flush_node(node)
-        silent = [n for n in self.planned if n not in self.status and n not in self.lost]
-        self.node_lost(silent, "no report from the node", now=False)
+        self.node_lost(unreported(self.planned, self.status, self.lost), NO_REPORT, now=False)
         if self.folded:
             self._print_folded()
         self._summary()
-        worst = max(self.status.values(), default=0)
-        if self.lost or self.unreachable:
-            return EXIT_LOST
-        return worst
+        return job_status(self.status, self.lost, self.unreachable, self.late)
 
     def _print_folded(self) -> None:
         groups: dict[bytes, list[str]] = defaultdict(list)
@@ -175,9 +240,18 @@ class Printer:
         for node, status in self.status.items():
             if status:
                 by_status[status].append(node)
+        for node in self.late:
+            if by_status.get(EXIT_TIMEOUT) and node in by_status[EXIT_TIMEOUT]:
+                by_status[EXIT_TIMEOUT].remove(node)  # said below, as timed out
         lines = [
-            f"gproc: exit status {s} on {fold(nodes)}" for s, nodes in sorted(by_status.items())
+            f"gproc: exit status {s} on {fold(nodes)}"
+            for s, nodes in sorted(by_status.items())
+            if nodes
         ]
+        for phase, what in (("start", "timed out starting"), ("run", "timed out")):
+            late = [n for n, p in self.late.items() if p == phase]
+            if late:
+                lines.append(f"gproc: {what}: {fold(late)}")
         by_reason: dict[str, list[str]] = defaultdict(list)
         for node, reason in self.lost.items():
             by_reason[reason].append(node)

@@ -39,11 +39,13 @@ MAX_TREE_DEPTH = 16
 MAX_NODES = 1 << 16  # nodes in a tree, names in a plan
 MAX_TEXT = 1 << 16  # any one string but env values and argv items
 MAX_ARG = 1 << 20  # one argv item or env value
+MAX_MS = 1 << 40  # a timeout in milliseconds: about 35 years
+MAX_ID = (1 << 32) - 2  # a uid or gid ((uid_t)-1 means "unchanged" to the kernel)
 
 Tree = dict[str, Any]  # {"id": int, "name": str, "addr": str, "state": str, "children": [...]}
 
 JOB_ID = re.compile(r"[0-9a-f]{1,32}")
-MODES = ("loader", "env", "local", "direct")
+MODES = ("loader", "env", "local", "direct", "copy")  # copy: gproc cp (argv: DEST SOURCE...)
 
 
 class ProtocolError(GprocError):
@@ -285,6 +287,16 @@ class JobHeader(Frame):
     private: bool
     manifest: list[Any]
     total: int
+    # Who runs the job: stamped by the master from the client socket's peer credentials
+    # (SO_PEERCRED), never taken from the client; empty from the client itself.
+    user: str = ""
+    uid: int = 0
+    gid: int = 0
+    stdin: bool = False  # the client sends its standard input (Input frames) after the files
+    start_ms: int = 0  # -t: a node that has not started the program by then gives up (0: no)
+    run_ms: int = 0  # -u: the program is killed where it still runs by then (0: no limit)
+    only: list[str] = field(default_factory=list)  # -w/-x: the names that run (empty: all)
+    exclude: list[str] = field(default_factory=list)  # -x, client to master only
 
 
 def _job_id_or_empty(v: Any) -> str:
@@ -306,6 +318,14 @@ _kind(
     flag,
     raw_list(1 << 20),
     uint(),
+    text(256),
+    uint(MAX_ID),
+    uint(MAX_ID),
+    flag,
+    uint(MAX_MS),
+    uint(MAX_MS),
+    texts(MAX_NODES, 256),
+    texts(MAX_NODES, 256),
 )(JobHeader)
 
 
@@ -378,16 +398,99 @@ class Credit(Frame):
     size: int
 
 
+@_kind(19, _job_id_or_empty, blob(CHUNK))
+@dataclass(slots=True)
+class Input(Frame):
+    """The client's standard input for the job's programs, down the tree under the job's
+    file window; empty ``data`` is the end of input."""
+
+    job: str
+    data: bytes
+
+
+# Signals a client may pass to its job's programs (Ctrl-C kills the job instead).
+SIGNALS = frozenset({1, 10, 12, 15})  # SIGHUP, SIGUSR1, SIGUSR2, SIGTERM
+
+
+def signal_number(v: Any) -> int:
+    if type(v) is not int or v not in SIGNALS:
+        raise _fail(f"not a signal a job may be sent ({sorted(SIGNALS)})")
+    return v
+
+
+@_kind(24, _job_id_or_empty, signal_number)
+@dataclass(slots=True)
+class Signal(Frame):
+    """Deliver ``signum`` to the job's programs on every node below."""
+
+    job: str
+    signum: int
+
+
+PHASES = ("start", "run")
+
+
+def phase(v: Any) -> str:
+    if v not in PHASES:
+        raise _fail(f"not one of {PHASES}")
+    return v
+
+
+@_kind(25, job_id, texts(), phase)
+@dataclass(slots=True)
+class Late(Frame):
+    """Nodes that timed out: "start" (-t: never started the program) or "run" (-u: killed)."""
+
+    job: str
+    nodes: list[str]
+    phase: str
+
+
+@_kind(26, texts(), flag)
+@dataclass(slots=True)
+class Drain(Frame):
+    """Client (gproc-deploy, as root or the master's user) to master: new jobs leave these
+    nodes out, with the reason, while ``on``; the master answers with the jobs still on them."""
+
+    nodes: list[str]
+    on: bool
+
+
+@_kind(27, texts())
+@dataclass(slots=True)
+class Draining(Frame):
+    """Master to client: the running jobs (ids) that still use a node being drained."""
+
+    busy: list[str]
+
+
 @_kind(20)
 @dataclass(slots=True)
 class Info(Frame):
     """Client to master: send me the tree."""
 
 
-@_kind(21, tree)
+def job_rows(v: Any) -> list[list[Any]]:
+    """Running jobs as ``gproc i`` lists them: [job id, user, program, spec, seconds]."""
+    if type(v) is not list or len(v) > MAX_NODES:
+        raise _fail(f"not a list of at most {MAX_NODES} jobs")
+    for row in v:
+        if type(row) is not list or len(row) != 5:
+            raise _fail("a job row is not [job, user, program, spec, seconds]")
+        job_id(row[0])
+        for item in row[1:4]:
+            text(4096)(item)
+        uint()(row[4])
+    return v
+
+
+@_kind(21, tree, job_rows)
 @dataclass(slots=True)
 class TreeReply(Frame):
+    """Master to client: the whole tree, and the jobs running through it with their users."""
+
     tree: Tree
+    jobs: list[list[Any]] = field(default_factory=list)
 
 
 @_kind(22, texts(), texts())
@@ -421,8 +524,14 @@ def check_job(header: JobHeader) -> None:
         raise bad("argv is empty")
     if header.mode not in MODES:
         raise bad(f"unknown mode {header.mode!r}")
-    if header.mode != "local" and not header.prog:
+    if header.mode not in ("local", "copy") and not header.prog:
         raise bad("no program to run (field prog)")
+    if header.mode == "copy":
+        if len(header.argv) < 2 or not header.private:
+            raise bad("a copy names a destination and sources, and is staged (private)")
+        for source in header.argv[1:]:
+            if not source.startswith("/") or "/../" in source + "/" or source == "/":
+                raise bad(f"copy source {source[:80]!r} is not a clean absolute path")
     for name in ("prog", "interp", "cwd"):
         value = getattr(header, name)
         if (value or name == "cwd") and (

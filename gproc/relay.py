@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,8 +37,10 @@ from gproc.protocol import (
     Done,
     Exit,
     Frame,
+    Input,
     JobHeader,
     Kill,
+    Late,
     Lost,
     Need,
     Out,
@@ -45,6 +48,7 @@ from gproc.protocol import (
     ProtocolError,
     Refused,
     Register,
+    Signal,
     Subtree,
     Tree,
     Welcome,
@@ -129,11 +133,13 @@ def _ids(numbers: list[int]) -> str:
 class Leg:
     """The part of a job that goes through one child: its sub-spec, windows, who reported."""
 
-    def __init__(self, child: Child, spec: nodespec.Spec):
+    def __init__(self, child: Child, spec: nodespec.Spec, only: frozenset[str] | None = None):
         self.child = child
         self.spec = spec
-        # fixed now: a dying child may first tell us its own children are gone
-        self.expected = [child.name, *expand(spec, child.below)]
+        # fixed now: a dying child may first tell us its own children are gone; with -w/-x
+        # (``only``) the nodes on the way that only relay are not expected to report
+        names = [child.name, *expand(spec, child.below)]
+        self.expected = [n for n in names if only is None or n in only]
         self.reported: set[str] = set()
         self.done = False
         self.need: asyncio.Future[set[int]] = asyncio.get_running_loop().create_future()
@@ -169,6 +175,9 @@ class Job:
         self.hop = hop
         self.jid = jid
         self.header = header
+        self.only = frozenset(header.only) if header.only else None
+        self.started = time.monotonic()
+        self.nodes: list[str] = []  # the nodes it runs on (the master's plan)
         self.up = up
         self.local = local
         self.legs: dict[int, Leg] = {}
@@ -192,7 +201,7 @@ class Job:
         ]
         bodies: dict[nodespec.Spec, bytes] = {}
         for child, sub in sorted(chosen, key=lambda pair: pair[0].node_id):
-            leg = Leg(child, sub)
+            leg = Leg(child, sub, self.only)
             self.legs[child.node_id] = leg
             child.jobs[self.jid] = self
             if sub not in bodies:
@@ -248,6 +257,28 @@ class Job:
         self._write_all(gathered)
         await self._drain_legs(list(self.legs.values()))
 
+    async def forward_input(self, data: bytes) -> None:
+        """The client's standard input to every open leg, each as its window allows."""
+        body = encode(Input(self.jid, data))
+        sealed, cost = (body, body_digest(body)), charge(len(data))
+        legs = [leg for leg in self.legs.values() if not leg.done]
+        for leg in legs:
+            await leg.window.take(cost)
+            if not leg.done:
+                try:
+                    leg.child.conn.write_bodies([sealed])
+                except (ConnectionError, RuntimeError):
+                    pass  # the child loop notices and reports the leg lost
+        await self._drain_legs(legs)
+
+    def signal(self, signum: int) -> None:
+        """Pass a signal to the job's programs: this node's, and every open leg's."""
+        for leg in self.legs.values():
+            if not leg.done:
+                leg.child.conn.send_nowait(Signal(self.jid, signum))
+        if self.local is not None:
+            self.local.signal(signum)
+
     @staticmethod
     def _write_all(gathered: dict[Leg, list[tuple[bytes, bytes]]]) -> None:
         for leg, bodies in gathered.items():
@@ -283,6 +314,8 @@ class Job:
             self.send_up(frame, leg)
         elif kind is Lost:
             leg.reported.update(frame.nodes)
+            self.send_up(frame, leg)
+        elif kind is Late:
             self.send_up(frame, leg)
         elif kind is Need:
             if not leg.need.done():
@@ -399,6 +432,9 @@ class LocalRunner:
     async def kill(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def signal(self, signum: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
 
 class Hop:
     """One point of the tree: serves children, relays jobs down and their frames up."""
@@ -501,7 +537,7 @@ class Hop:
         """Read a child's frames; nothing here waits on a job (see the module docstring)."""
         while (frame := await child.conn.recv()) is not None:
             kind = type(frame)
-            if kind in (Out, Exit, Lost, Need, Done, Credit):
+            if kind in (Out, Exit, Lost, Late, Need, Done, Credit):
                 job = child.jobs.get(frame.job)
                 if job is not None:
                     job.from_child(child, frame)

@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 
 from gproc.errors import GprocError
+from gproc.users import RunAs, drop_to
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -28,6 +29,7 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
@@ -59,6 +61,8 @@ class Launch:
     env: dict[str, str]
     cwd: str
     bind: tuple[str, str] | None = None  # (staging dir, binRoot) for a private mount
+    user: RunAs | None = None  # drop to this user after the mount (the daemon is root)
+    stdin: bool = False  # a pipe for the client's standard input, else /dev/null
 
 
 def _check(ret: int, what: str) -> None:
@@ -93,9 +97,16 @@ def enter_private_root(stage: str, bin_root: str) -> None:
 
 
 def _child_setup(launch: Launch) -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    """Between fork and exec: the mount as root, then the user, then what the user may do.
+
+    The parent-death signal is asked for after the drop, because changing the user clears it.
+    """
     if launch.bind is not None:
         enter_private_root(*launch.bind)
+    if launch.user is not None:
+        drop_to(launch.user)
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.chdir(launch.cwd)
 
 
@@ -104,7 +115,7 @@ async def start(launch: Launch) -> asyncio.subprocess.Process:
     try:
         return await asyncio.create_subprocess_exec(
             *launch.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=launch.env,
@@ -112,6 +123,8 @@ async def start(launch: Launch) -> asyncio.subprocess.Process:
             preexec_fn=lambda: _child_setup(launch),
         )
     except subprocess.SubprocessError as e:
+        if launch.user is not None and launch.bind is None:
+            raise SandboxError(f"cannot run as {launch.user.name}: {e}") from None
         if launch.bind is not None:
             raise SandboxError(
                 f"cannot set up the private mount over {launch.bind[1]} ({e}); "

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gproc import nodespec, sandbox
+from gproc import copying, nodespec, pidfile, sandbox, users
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -31,14 +33,17 @@ from gproc.protocol import (
     Done,
     Exit,
     Frame,
+    Input,
     JobHeader,
     Kill,
+    Late,
     Need,
     Out,
     Ping,
     ProtocolError,
     Refused,
     Register,
+    Signal,
     Subtree,
     Welcome,
 )
@@ -51,6 +56,8 @@ log = logging.getLogger("gproc.slave")
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 EXIT_KILLED = 128 + 9
+EXIT_TIMEOUT = 124  # as timeout(1)
+STDIN = -1  # the queue index of the client's standard input (files have 0, 1, ...)
 RETRY_SECONDS = 0.5
 
 
@@ -94,8 +101,18 @@ def program_argv(header: JobHeader, root: str) -> list[str]:
     return [prog, *argv[1:]]
 
 
-def program_env(header: JobHeader, root: str, node: str, jid: str) -> dict[str, str]:
-    env = dict(header.env)
+def placement(stage: str, header: JobHeader) -> list[str]:
+    """gproc cp: this daemon's Python runs the placement program (gproc.copying) on the
+    staged sources; ``argv`` is the destination, then the sources' absolute paths."""
+    return [sys.executable, "-I", "-c", copying.PLACE, stage, *header.argv]
+
+
+def program_env(
+    header: JobHeader, root: str, node: str, jid: str, user: users.RunAs | None = None
+) -> dict[str, str]:
+    """The shipped environment (``-export``), over what a login of the user would set."""
+    env = user.env() if user is not None else {}
+    env.update(header.env)
     env.update(GPROC_NODE=node, GPROC_JOB=jid)
     if header.mode == "env" and header.libdirs:
         env["LD_LIBRARY_PATH"] = ":".join(root + d for d in header.libdirs)
@@ -132,16 +149,69 @@ class NodeRun(LocalRunner):
         self.prepared: asyncio.Task[frozenset[int]] | None = None
         self.needed: frozenset[int] = frozenset()
         self.writing: asyncio.Future[None] | None = None
+        self.user: users.RunAs | None = None
+        self.late: str | None = None  # "start" (-t) or "run" (-u) once a deadline has passed
+        self.timers: list[asyncio.TimerHandle] = []
+        self.launched = asyncio.Event()  # the program started, or never will
+        self.stdin_open = header.stdin
 
     def attach(self, job: Job) -> None:
-        """Start preparing the files (in a thread); launch once nothing more is needed."""
+        """Start preparing the files (in a thread); launch once nothing more is needed.
+
+        The job's deadlines (-t, -u) count from now, when the header reached this node.
+        """
         self.job = job
-        self.prepared = asyncio.get_running_loop().create_task(self._prepare())
+        loop = asyncio.get_running_loop()
+        self.prepared = loop.create_task(self._prepare())
+        for ms, phase in ((self.header.start_ms, "start"), (self.header.run_ms, "run")):
+            if ms:
+                self.timers.append(loop.call_later(ms / 1000, self._deadline, phase))
+
+    def _deadline(self, phase: str) -> None:
+        """-t: give up if the program has not started; -u: kill it where it still runs."""
+        if self.done or self.killed or self.late is not None:
+            return
+        if phase == "start" and self.task is not None:
+            return  # started (or being started) in time
+        self.late = phase
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                sandbox.kill_group(self.proc)  # _run reports the timeout
+        elif self.task is None:
+            self._launch()  # not started: _run gives up and reports it
+
+    def signal(self, signum: int) -> None:
+        """A signal the client passed on (SIGTERM, SIGHUP, SIGUSR1, SIGUSR2)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signum)
+
+    async def write_input(self, data: bytes) -> None:
+        """The client's standard input, once the program runs; empty ``data`` closes it.
+
+        A program that stops reading holds its job's input here (and so, by the window, at
+        the parent); one that exits or closes its input drops the rest, as a pipe does.
+        """
+        await self.launched.wait()
+        stdin = self.proc.stdin if self.proc is not None else None
+        if stdin is None or not self.stdin_open:
+            return
+        try:
+            if data:
+                stdin.write(data)
+                await stdin.drain()
+            else:
+                self.stdin_open = False
+                stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            self.stdin_open = False
 
     async def _prepare(self) -> frozenset[int]:
         if not self.error:
             try:
                 self.unpacker = await asyncio.to_thread(self._unpacker)
+            except users.UserRefused as e:
+                self.error = str(e)
             except (BundleError, OSError) as e:
                 self.error = f"bundle refused: {e}"
             except Exception as e:  # anything a strange job does to us costs that job only
@@ -154,8 +224,17 @@ class NodeRun(LocalRunner):
         return self.needed
 
     def _unpacker(self) -> Unpacker:
-        entries = check_manifest(self.header.manifest, self.header.total)
-        return Unpacker(Path(self.files_root), entries, self.jid, self.cache)
+        """Check who runs the job and what it ships, then make what needs no bytes."""
+        h = self.header
+        self.user = users.resolve(h.user, h.uid, h.gid, self.node.name)
+        if self.user.switches and not self.private:
+            raise users.UserRefused(
+                "-p=false writes into binRoot, which every user's jobs share: on a tree run "
+                "by root only root's jobs may use it; drop -p=false"
+            )
+        entries = check_manifest(h.manifest, h.total)
+        mode = 0o700 if self.private else 0o755  # a job's own staging, or binRoot itself
+        return Unpacker(Path(self.files_root), entries, self.jid, self.cache, root_mode=mode)
 
     async def needs(self) -> frozenset[int]:
         assert self.prepared is not None
@@ -197,27 +276,56 @@ class NodeRun(LocalRunner):
 
     async def _run(self) -> None:
         try:
-            status = (
-                await self._execute()
-                if not self.error
-                else await self._fail(self.error, EXIT_CANNOT_RUN)
-            )
+            if self.late is not None:
+                status = await self._give_up()
+            elif self.error:
+                status = await self._fail(self.error, EXIT_CANNOT_RUN)
+            else:
+                status = await self._execute()
+            if self.late is not None:
+                status = EXIT_TIMEOUT
+                self._up(Late(self.jid, [self.node.name], self.late))
             self._up(Exit(self.jid, self.node.name, status))
         finally:
+            self._stop_timers()
             await self._cleanup()
             self.done = True
             if self.job is not None:
                 self.job.maybe_finish()
 
+    async def _give_up(self) -> int:
+        """A deadline passed before the program started: stop unpacking, say so."""
+        for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
+            if step is not None and not step.done():
+                await asyncio.gather(step, return_exceptions=True)
+        limit = self.header.start_ms if self.late == "start" else self.header.run_ms
+        switch = "-t" if self.late == "start" else "-u"
+        why = f"the program had not started {limit / 1000:g}s after the job arrived ({switch})"
+        return await self._fail(why, EXIT_TIMEOUT)
+
+    def _stop_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = []
+        self.launched.set()
+
     async def _execute(self) -> int:
         root = self.node.bin_root
         os.makedirs(root, exist_ok=True)
+        user = self.user
+        assert user is not None  # resolved before anything was unpacked
+        copy = self.header.mode == "copy"  # gproc cp: place the staged files, as the user
+        argv = placement(self.files_root, self.header) if copy else program_argv(self.header, root)
         launch = sandbox.Launch(
-            argv=program_argv(self.header, root),
-            env=program_env(self.header, root, self.node.name, self.jid),
-            cwd=root + self.header.cwd,
-            bind=(self.files_root, root) if self.private else None,
+            argv=argv,
+            env=program_env(self.header, root, self.node.name, self.jid, user),
+            cwd="/" if copy else root + self.header.cwd,
+            bind=(self.files_root, root) if self.private and not copy else None,
+            user=user if user.switches else None,
+            stdin=self.header.stdin,
         )
+        if self.private and user.switches:
+            await asyncio.to_thread(users.give_tree, self.files_root, user)
         if self.killed:
             return EXIT_KILLED
         try:
@@ -230,7 +338,8 @@ class NodeRun(LocalRunner):
             code = EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_RUN
             why = getattr(e, "strerror", None) or e
             return await self._fail(f"cannot start {launch.argv[0]}: {why}", code)
-        if self.killed:  # the kill came while the program was being started
+        self.launched.set()
+        if self.killed or self.late is not None:  # killed, or timed out, while it started
             sandbox.kill_group(self.proc)
         pumps = asyncio.gather(self._pump(self.proc.stdout, 1), self._pump(self.proc.stderr, 2))
         try:
@@ -280,6 +389,7 @@ class NodeRun(LocalRunner):
 
     async def kill(self) -> None:
         self.killed = True
+        self._stop_timers()
         if self.proc is not None:
             sandbox.kill_group(self.proc)
         for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
@@ -299,7 +409,7 @@ class Inflow:
     """A job's file chunks arriving from the parent: queued within the window granted, then
     written here (in a thread) and forwarded below, and credited back to the parent."""
 
-    def __init__(self, job: Job, run: NodeRun, parent: Conn):
+    def __init__(self, job: Job, run: NodeRun | None, parent: Conn):
         self.job = job
         self.run = run
         self.parent = parent
@@ -308,12 +418,14 @@ class Inflow:
         self.arrived = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
-    def accept(self, frame: Data) -> None:
+    def accept(self, frame: Data | Input) -> None:
         """Called by the parent loop: never waits; a parent that overruns the window is cut."""
         self.held += charge(len(frame.data))
         if self.held > DOWN_WINDOW + charge(len(frame.data)):
             raise ProtocolError(f"the parent overran job {self.job.jid}'s file window")
-        self.queue.append((frame.index, frame.data))
+        if type(frame) is Input and not self.job.header.stdin:
+            raise ProtocolError(f"input for job {self.job.jid}, which takes none")
+        self.queue.append((frame.index if type(frame) is Data else STDIN, frame.data))
         self.arrived.set()
 
     async def _pump(self) -> None:
@@ -324,15 +436,43 @@ class Inflow:
                 continue
             batch = list(self.queue)
             self.queue.clear()
-            local = asyncio.ensure_future(self.run.feed(batch))
-            try:
-                await self.job.forward(batch)
-            finally:
-                await asyncio.gather(local, return_exceptions=True)  # never left unretrieved
+            for part in _runs(batch):
+                if part[0][0] == STDIN:
+                    await self._both(self.job.forward_input(part[0][1]), self._input(part[0][1]))
+                else:
+                    await self._both(self.job.forward(part), self._files(part))
             size = sum(charge(len(data)) for _, data in batch)
             self.held -= size
             self.parent.send_nowait(Credit(self.job.jid, size))
             await asyncio.sleep(0)  # one batch at a time: pings and other jobs go between
+
+    async def _files(self, chunks: list[tuple[int, bytes]]) -> None:
+        if self.run is not None:
+            await self.run.feed(chunks)
+
+    async def _input(self, data: bytes) -> None:
+        if self.run is not None:
+            await self.run.write_input(data)
+
+    @staticmethod
+    async def _both(below: Coroutine[Any, Any, None], here: Coroutine[Any, Any, None]) -> None:
+        """Forward below while writing here; both are done (and retrieved) before credit."""
+        local = asyncio.ensure_future(here)
+        try:
+            await below
+        finally:
+            await asyncio.gather(local, return_exceptions=True)
+
+
+def _runs(batch: list[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+    """The batch cut where file chunks and input alternate; each input chunk on its own."""
+    runs: list[list[tuple[int, bytes]]] = []
+    for item in batch:
+        if item[0] == STDIN or not runs or runs[-1][0][0] == STDIN:
+            runs.append([item])
+        else:
+            runs[-1].append(item)
+    return runs
 
 
 # ---------------------------------------------------------------- the daemon
@@ -384,8 +524,12 @@ class Slave:
         parent: tuple[str, int],
         key: bytes,
         heartbeat: float = HEARTBEAT,
+        pid_file: str | None = None,
+        reconnect: float = 0.0,
     ):
         self.node = node
+        self.reconnect = reconnect  # seconds to come back in when the parent goes; 0: exit
+        self.pid_file = pid_file  # written once serving, removed on the way out
         self.listen = listen
         self.parent = parent
         self.key = key
@@ -407,32 +551,90 @@ class Slave:
             self.cache = await asyncio.to_thread(BlobCache, root, size)
         await self.hop.serve(*self.listen)
         log.info("%s: serving children on %s:%d", self.node.name, *self.listen)
-        conn = await dial_parent(*self.parent, self.key, self.node.name)
-        addr = self.listen[0]
-        if addr in ("0.0.0.0", "::", ""):
-            addr = conn.writer.get_extra_info("sockname")[0]
-        parent_name = await register(conn, self.hop, f"{addr}:{self.listen[1]}")
+        if self.pid_file:
+            pidfile.write(self.pid_file)
+        try:
+            await self._join_and_serve()
+        finally:
+            if self.pid_file:
+                pidfile.remove_if_mine(self.pid_file)
+
+    async def _join_and_serve(self) -> None:
+        """Register with the parent and serve it; with ``-reconnect S``, when the parent goes
+        away, keep the children and register again within S seconds (a parent restarting,
+        as in a rolling upgrade) instead of exiting."""
+        deadline: float | None = None
+        try:
+            while True:
+                conn = await self._join(deadline)
+                if conn is None:
+                    log.warning(
+                        "%s: parent did not come back within %gs; exiting",
+                        self.node.name,
+                        self.reconnect,
+                    )
+                    return
+                await self._serve_parent(conn)
+                if self.reconnect <= 0:
+                    return
+                deadline = asyncio.get_running_loop().time() + self.reconnect
+                log.warning(
+                    "%s: keeping %d children; registering again within %gs (-reconnect)",
+                    self.node.name,
+                    len(self.hop.children),
+                    self.reconnect,
+                )
+        finally:
+            await self.hop.close()
+
+    async def _join(self, deadline: float | None) -> Conn | None:
+        """Dial and register; before ``deadline`` (a reconnect) any failure is tried again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                dial = dial_parent(*self.parent, self.key, self.node.name)
+                conn = await (dial if remaining is None else within(dial, remaining))
+                addr = self.listen[0]
+                if addr in ("0.0.0.0", "::", ""):
+                    addr = conn.writer.get_extra_info("sockname")[0]
+                parent_name = await register(conn, self.hop, f"{addr}:{self.listen[1]}")
+            except (ConnectionError, ProtocolError, OSError, asyncio.TimeoutError) as e:
+                if deadline is None:
+                    raise
+                log.info("%s: parent not back yet (%s)", self.node.name, e or type(e).__name__)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            log.info(
+                "%s: registered with %s (%s:%d) as id %d",
+                self.node.name,
+                parent_name,
+                *self.parent,
+                self.hop.node_id,
+            )
+            return conn
+
+    async def _serve_parent(self, conn: Conn) -> None:
+        """Relay the parent's frames until it goes away; its jobs die with the link."""
         self.up = conn
-        log.info(
-            "%s: registered with %s (%s:%d) as id %d",
-            self.node.name,
-            parent_name,
-            *self.parent,
-            self.hop.node_id,
-        )
         watchdog = asyncio.ensure_future(keep_alive(lambda: [conn], self.hop.heartbeat, log))
+        verb = "exiting" if self.reconnect <= 0 else "waiting for it"
         try:
             await self._parent_loop(conn)
-            log.warning("%s: parent gone; killing jobs and exiting", self.node.name)
+            log.warning("%s: parent gone; killing jobs and %s", self.node.name, verb)
         except (ConnectionError, ProtocolError) as e:
-            log.warning("%s: parent gone (%s); killing jobs and exiting", self.node.name, e)
+            log.warning("%s: parent gone (%s); killing jobs and %s", self.node.name, e, verb)
         except asyncio.CancelledError:
             log.info("%s: stopping", self.node.name)
             conn.send_nowait(Bye())  # stopped, not lost: the parent forgets us
             raise
         finally:
+            self.up = None
             watchdog.cancel()
-            await self.hop.close()
+            for job in list(self.hop.jobs.values()):  # their upstream is gone
+                await job.kill()
             await conn.close()
 
     async def _parent_loop(self, conn: Conn) -> None:
@@ -451,10 +653,14 @@ class Slave:
                     log.warning("%s: ignored a repeated job id %s", self.node.name, frame.job)
                 else:
                     await self._start(frame, conn)
-            elif kind is Data:
+            elif kind is Data or kind is Input:
                 inflow = self.inflows.get(frame.job)
                 if inflow is not None:
                     inflow.accept(frame)
+            elif kind is Signal:
+                job = self.hop.jobs.get(frame.job)
+                if job is not None:
+                    job.signal(frame.signum)
             elif kind is Credit:
                 job = self.hop.jobs.get(frame.job)
                 if job is not None and job.up_window is not None:
@@ -487,9 +693,11 @@ class Slave:
             spec = nodespec.parse(header.spec) if header.spec else ()
         except nodespec.SpecError as e:
             spec, problem = (), f"bad job header: {e}"
-        run = NodeRun(self.node, header, problem, self.cache)
+        runs_here = not header.only or self.node.name in header.only  # else: relay only
+        run = NodeRun(self.node, header, problem, self.cache) if runs_here else None
         job = self.hop.new_job(header, conn, run, header.job, Window(UP_WINDOW))
-        run.attach(job)
+        if run is not None:
+            run.attach(job)
         inflow = self.inflows[job.jid] = Inflow(job, run, conn)
         await job.open(spec)
         self._spawn(self._report_needs(job, conn))
@@ -513,6 +721,8 @@ class Slave:
 
 
 def _empty(directory: str) -> None:
+    """Make the staging root empty; others may pass through it (0711) but not list it."""
     os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o711)
     for entry in os.scandir(directory):
         shutil.rmtree(entry.path, ignore_errors=True)

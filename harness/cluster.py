@@ -382,7 +382,10 @@ class Cluster:
 
     def daemon_argv(self, mode: str) -> list[str]:
         plan = self.require_plan()
-        return ["gproc", "-locale", plan.daemon_locale(), "-key", KEY, "-debug", "1", mode]
+        argv = ["gproc", "-locale", plan.daemon_locale(), "-key", KEY, "-debug", "1", mode]
+        if mode == "m":  # a shared tree, as on KANE: every user of the front-end may use it
+            argv[-1:-1] = ["-allow", "all"]
+        return argv
 
     def start_daemon(self, host: str, mode: str = "s") -> None:
         """Start ``gproc m|s`` detached in ``host``, replacing a daemon already running."""
@@ -464,11 +467,17 @@ class Cluster:
     # ------------------------------------------------------------------ running things
 
     def exec(
-        self, argv: list[str], host: str | None = None, timeout: float = 300, workdir: str = "/"
+        self,
+        argv: list[str],
+        host: str | None = None,
+        timeout: float = 300,
+        workdir: str = "/",
+        user: str | None = None,
     ) -> Result:
-        """Run ``argv`` in a container (the front-end by default) and collect its output."""
+        """Run ``argv`` in a container (the front-end by default), as root or ``user``."""
         host = host or self.require_plan().front_end
-        cmd = ["docker", "exec", "-w", workdir, self.container_name(host), *argv]
+        as_user = ["-u", user] if user else []
+        cmd = ["docker", "exec", "-w", workdir, *as_user, self.container_name(host), *argv]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as error:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from filelock import FileLock
@@ -21,6 +22,7 @@ from filelock import FileLock
 # One apt at a time on this host: xdist workers, a second test run, `python -m harness up`.
 APT_LOCK = Path(tempfile.gettempdir()) / "gproc-harness-apt.lock"
 APT_TIMEOUT = 900  # seconds: apt-get update and a few packages, over a slow mirror
+APT_ATTEMPTS = 6  # a mirror or its name server failing for a moment is tried again
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # where admin tools land, not always on PATH
 
 
@@ -65,7 +67,7 @@ def ensure_tool(command: str, package: str, why: str) -> str:
         if found:
             return found
         say(f"{command} is missing, needed {why}: installing the package {package} (apt-get)")
-        _apt(["update"])
+        _apt(["update", "--error-on=any"])
         _apt(["install", "-y", package])
     found = _which(command)
     if not found:
@@ -78,14 +80,20 @@ def _which(command: str) -> str | None:
     return shutil.which(command) or shutil.which(command, path=SBIN)
 
 
-def _apt(args: list[str]) -> None:
-    """``apt-get ARGS``, waiting for a dpkg lock another apt holds; its tail on failure."""
+def _apt(args: list[str], attempts: int = APT_ATTEMPTS) -> None:
+    """``apt-get ARGS``, waiting for a dpkg lock another apt holds, tried again with a growing
+    pause when it fails (a mirror or name server failing for a moment); its tail on failure."""
     cmd = ["apt-get", "-q", "-o", f"DPkg::Lock::Timeout={APT_TIMEOUT}", *args]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise ToolError(f"{' '.join(cmd)} took over {APT_TIMEOUT}s") from None
-    if proc.returncode != 0:
+    for attempt in range(1, attempts + 1):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise ToolError(f"{' '.join(cmd)} took over {APT_TIMEOUT}s") from None
+        if proc.returncode == 0:
+            return
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise ToolError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
+        if attempt < attempts:
+            say(f"{' '.join(cmd)} failed (attempt {attempt} of {attempts}); trying again")
+            time.sleep(5 * attempt)
+    raise ToolError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 SLIM = "debian:bookworm-slim"
 SUITE = "bookworm"
 MIRROR = os.environ.get("GPROC_HARNESS_MIRROR", "http://deb.debian.org/debian")
+ATTEMPTS = 4  # debootstrap tries, for a mirror or name server failing for a moment
 BASE_INCLUDE = ("python3",)
 PYTHON = "3.11"  # bookworm's python3; the wheels must match its ABI
 GLIBC = 36  # bookworm's glibc is 2.36: wheels up to manylinux_2_36 run there
@@ -117,7 +119,16 @@ def _debootstrap_import(tag: str) -> None:
         root = Path(tmp) / "root"
         say(f"debootstrap {SUITE} from {MIRROR} (about a minute)")
         cmd = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_INCLUDE)}"]
-        _run([*cmd, SUITE, str(root), MIRROR], "debootstrap")
+        for attempt in range(1, ATTEMPTS + 1):  # a mirror failing for a moment: again
+            try:
+                _run([*cmd, SUITE, str(root), MIRROR], "debootstrap")
+                break
+            except ImageError:
+                if attempt == ATTEMPTS:
+                    raise
+                say(f"debootstrap failed (attempt {attempt} of {ATTEMPTS}); trying again")
+                shutil.rmtree(root, ignore_errors=True)
+                time.sleep(5 * attempt)
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (root / junk).glob("*"):
                 if path.is_file():

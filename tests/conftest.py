@@ -71,6 +71,8 @@ class Tree:
 
     def gproc(self, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run ``gproc`` against this tree; switches before the mode are added."""
+        if "input" not in kw:
+            kw.setdefault("stdin", subprocess.DEVNULL)  # no input unless the test gives it
         return subprocess.run(
             [sys.executable, "-m", "gproc", *self.switches(), *args],
             capture_output=True,
@@ -80,7 +82,11 @@ class Tree:
             **kw,
         )
 
+    def gproc_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "gproc", *self.switches(), *args]
+
     def popen(self, *args: str, **kw) -> subprocess.Popen:
+        kw.setdefault("stdin", subprocess.DEVNULL)
         return subprocess.Popen(
             [sys.executable, "-m", "gproc", *self.switches(), *args],
             stdout=subprocess.PIPE,
@@ -96,7 +102,16 @@ class Tree:
         return pid
 
 
-def start_tree(root: Path, nodes: int = 8, racksize: int = 4, heartbeat: float = 5.0) -> Tree:
+def start_tree(
+    root: Path,
+    nodes: int = 8,
+    racksize: int = 4,
+    heartbeat: float = 5.0,
+    allow: str = "owner",
+    launcher: type[LocalTree] = LocalTree,
+    reconnect: float = 0.0,
+) -> Tree:
+    """A tree of real daemons under ``root``; ``launcher`` may wrap how each one starts."""
     root.mkdir(parents=True, exist_ok=True)
     base = free_port_block(nodes)
     settings = Settings(
@@ -107,10 +122,12 @@ def start_tree(root: Path, nodes: int = 8, racksize: int = 4, heartbeat: float =
         key=str(root / "cluster.key"),
         debug=1,
         heartbeat=heartbeat,
+        allow=allow,
+        reconnect=reconnect,
     )
-    launcher = LocalTree(settings, state=root / "state")
-    launcher.up(1, nodes, timeout=30, say=lambda _msg: None)
-    return Tree(launcher, root, nodes)
+    started = launcher(settings, state=root / "state")
+    started.up(1, nodes, timeout=30, say=lambda _msg: None)
+    return Tree(started, root, nodes)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -58,8 +59,9 @@ def answers_all(tree: Tree, nodes: int = 8) -> None:
 
 def local_job(argv: list[str], job: str = "a11ce") -> JobHeader:
     """A job header as a parent would send it: run the node's own ``argv``, no files."""
+    me = pwd.getpwuid(os.geteuid())
     return JobHeader(job, "", argv, {"PATH": "/usr/bin:/bin"}, "/", "local", "", "", [], False,
-                     False, [], 0)  # fmt: skip
+                     False, [], 0, me.pw_name, me.pw_uid, me.pw_gid)  # fmt: skip
 
 
 def sealed_with_guess(frame: Frame, dialer_hello: bytes, acceptor_hello: bytes, seq: int = 0,

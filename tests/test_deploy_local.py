@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_port_block
 
 
@@ -95,6 +96,8 @@ def test_unreachable_hosts_are_reported(tmp_path: Path) -> None:
     env = dict(
         os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
     )
+    known = tmp_path / "known_hosts"
+    known.write_text("")
     r = deploy(
         env,
         "copy",
@@ -108,15 +111,56 @@ def test_unreachable_hosts_are_reported(tmp_path: Path) -> None:
         "3",
         "--key",
         str(tmp_path / "key"),
+        "--known-hosts",
+        str(known),
     )
     assert r.returncode == 1
     lines = [line.split(None, 2) for line in r.stdout.splitlines() if line.startswith("t")]
     assert [(name, state) for name, state, _ in lines] == [
-        ("t1", "UNREACHABLE"),
-        ("t2", "UNREACHABLE"),
+        ("t1", "unreachable"),
+        ("t2", "unreachable"),
     ]
     assert all("cannot connect" in why for _, _, why in lines)
-    assert "2 of 2 hosts are not ok" in r.stdout
+    assert "recap: 0 ok, 0 changed, 0 failed, 2 unreachable, 0 skipped" in r.stdout
+
+
+def test_what_every_host_would_fail_on_is_one_error_up_front(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    r = deploy(env, "up", "1", "80", "--locale", "kane", "--identity", str(tmp_path / "nokey"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == (
+        f"gproc-deploy: --identity {tmp_path / 'nokey'} does not exist: give the private key file"
+    )
+    r = deploy(env, "up", "1", "80", "--locale", "kane", "--known-hosts", str(tmp_path / "no"))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert "no known_hosts file at" in r.stderr and "--accept-new-host-keys" in r.stderr
+
+
+def test_a_second_run_waits_for_the_first_then_names_it(tmp_path: Path) -> None:
+    """The run lock: a holder is named, and the second run gives up after --lock-wait."""
+    from gproc.deploy.lock import Busy, run_lock
+
+    said: list[str] = []
+    with run_lock(tmp_path, 1.0, said.append):
+        holder = (tmp_path / "deploy.lock").read_text()
+        assert holder.startswith(f"pid {os.getpid()}:")
+        env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "xdg"))
+        state = tmp_path / "xdg" / "gproc" / "kane-6666"
+        state.mkdir(parents=True)
+        known = tmp_path / "known"
+        known.write_text("")
+        with run_lock(state, 0, said.append):
+            r = deploy(env, "up", "1", "80", "--locale", "kane", "--lock-wait", "0.5",
+                       "--known-hosts", str(known))  # fmt: skip
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"another gproc-deploy run holds {state / 'deploy.lock'} (pid {os.getpid()}" in (
+            r.stderr
+        )
+        assert "waiting up to 0s" in r.stdout or "waiting up to 1s" in r.stdout
+    with pytest.raises(Busy), run_lock(tmp_path, 0, said.append), run_lock(tmp_path, 0, print):
+        pass  # the same process, a second open of the lock file: refused at once
 
 
 def test_a_socket_taken_by_another_master_is_a_clear_error(tmp_path: Path) -> None:
@@ -176,3 +220,33 @@ def test_down_and_status_follow_the_locale_of_the_last_up(tmp_path: Path) -> Non
         r = deploy(env, "down", "--cmdport", str(port))
     assert "stopped 5 daemons" in r.stdout
     assert daemons(port) == []
+
+
+def test_up_allow_all_opens_the_socket_to_every_user(tmp_path: Path) -> None:
+    """gproc-deploy up --allow passes it to the master; a bad value fails before any start."""
+    port = free_port_block(4)
+    env = dict(
+        os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CONFIG_HOME=str(tmp_path / "config")
+    )
+    common = ["--locale", "local", "--cmdport", str(port)]
+    where = ["--uds", str(tmp_path / "g"), "--bin-root", str(tmp_path / "xproc")]
+    bad = deploy(env, "up", "1", "4", *common, *where, "--allow", "everyone")
+    assert bad.returncode == 1 and "use owner, all or group:NAME" in bad.stderr, bad.stderr
+    assert daemons(port) == []
+    try:
+        r = deploy(env, "up", "1", "4", *common, *where, "--allow", "all")
+        assert r.returncode == 0, r.stderr
+        assert os.stat(tmp_path / "g").st_mode & 0o777 == 0o666
+    finally:
+        deploy(env, "down", *common)
+    assert daemons(port) == []
+
+
+def test_an_up_with_an_unknown_locale_is_not_remembered(tmp_path: Path) -> None:
+    """So the next plain down still acts on the tree the last good up started."""
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    bad = deploy(env, "up", "1", "8", "--locale", "nosuch")
+    assert bad.returncode == 1 and "nosuch" in bad.stderr
+    assert not (tmp_path / "state" / "gproc" / "last-up.json").exists()
+    down = deploy(env, "down", "--cmdport", str(free_port_block(1)))
+    assert down.returncode == 0, down.stderr

@@ -14,6 +14,7 @@ from conftest import Tree
 from gproc.protocol import (
     MAX_FRAME,
     PREAUTH_MAX,
+    BadJob,
     Error,
     Hello,
     JobHeader,
@@ -180,3 +181,11 @@ def test_a_header_with_a_field_of_the_wrong_type_gets_an_answer(tree: Tree) -> N
     assert type(reply) is Error
     assert "libdirs" in reply.message
     run_job(tree)
+
+
+def test_a_copy_whose_source_climbs_out_of_its_staging_is_refused() -> None:
+    """gproc cp's sources are read under the job's staging directory: no way out of it."""
+    header = JobHeader("ab", ".", ["/tmp/dest", "/../../etc/shadow"], {}, "/", "copy", "", "",
+                       [], False, True, [], 0)  # fmt: skip
+    with pytest.raises(BadJob, match="copy source '/../../etc/shadow' is not a clean"):
+        decode(encode(header))

@@ -464,3 +464,8 @@ def test_a_reader_that_leaves_ends_gproc_quietly(tree: Tree) -> None:
     )
     assert r.stdout == "n4: 1\n"
     assert r.stderr.strip().splitlines() == [f"status {128 + signal.SIGPIPE}"]
+
+
+def test_only_the_masters_user_may_connect_by_default(tree: Tree) -> None:
+    """-allow owner (the default): the socket is 0600, as a personal tree's should be."""
+    assert os.stat(tree.uds).st_mode & 0o777 == 0o600
