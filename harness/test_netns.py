@@ -218,3 +218,13 @@ def test_thousand_nodes_answer_and_a_lost_rack_is_reported() -> None:
         finally:
             net.down(quiet=True)
         assert net.leftovers() == []
+
+
+def test_without_root_or_ip_the_tests_skip_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(os, "geteuid", lambda: 1000)
+        assert _usable() == "the netns backend needs root (network and UTS namespaces)"
+    with monkeypatch.context() as m:
+        m.setattr(os, "geteuid", lambda: 0)
+        m.setattr("shutil.which", lambda tool: None if tool == "nsenter" else "/usr/bin/" + tool)
+        assert "'nsenter'" in (_usable() or "")
