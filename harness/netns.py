@@ -80,6 +80,13 @@ def data_dir(name: str) -> Path:
     return Path(base) / f"{PREFIX}-{name}"
 
 
+def data_dirs(name: str) -> list[Path]:
+    """Every place a cluster of this name may have kept node files (GPROC_NETNS_DATA may
+    have differed at up), so down removes them all."""
+    bases = {os.environ.get("GPROC_NETNS_DATA"), "/dev/shm", tempfile.gettempdir()}
+    return [Path(b) / f"{PREFIX}-{name}" for b in sorted(filter(None, bases))]
+
+
 def check_host() -> None:
     """Root, iproute2, nsenter and unshare: or ToolMissing naming what is missing."""
     if os.geteuid() != 0:
@@ -635,8 +642,8 @@ class NetnsCluster:
         for n in names:  # what `ip netns del` could not remove (a mount still busy)
             with contextlib.suppress(OSError):
                 (NETNS_DIR / n).unlink()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        shutil.rmtree(self.data, ignore_errors=True)
+        for where in (self.dir, *data_dirs(self.name)):
+            shutil.rmtree(where, ignore_errors=True)
         return len(names)
 
     def leftovers(self) -> list[str]:
@@ -647,7 +654,7 @@ class NetnsCluster:
         left += [f"zygote pid {pid}" for pid in zygote_pids(self.name)]
         left += [f"mount {m}" for m in mounts_with(prefix.rstrip("-"))]
         left += [f"link {link}" for link in host_links(f"{PREFIX}-")]
-        left += [f"directory {d}" for d in (self.dir, self.data) if d.exists()]
+        left += [f"directory {d}" for d in (self.dir, *data_dirs(self.name)) if d.exists()]
         return left
 
 
