@@ -54,7 +54,7 @@ def _usable() -> str | None:
 
 
 def _session_lock(name: str) -> FileLock:
-    return FileLock(f"/tmp/{PREFIX}-{name}.test.lock", timeout=900)
+    return FileLock(f"/tmp/gproc-netns-test-{name}.lock", timeout=900)  # kept, as lock files are
 
 
 @pytest.fixture(scope="module")
