@@ -172,6 +172,8 @@ def do_exec(cluster: Cluster, args: argparse.Namespace) -> int:
 
 
 def backend_of(args: argparse.Namespace) -> str:
+    if args.command == "images":  # images are Docker's alone
+        return "docker"
     if args.backend:
         return args.backend
     if args.command != "up" and NetnsCluster.exists(args.name):
