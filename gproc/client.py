@@ -21,7 +21,7 @@ from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
 from gproc.jsonout import JsonPrinter
-from gproc.output import Printer
+from gproc.output import FOLD_ABOVE, Printer, fold_levels
 from gproc.progress import ExecProgress
 from gproc.protocol import (
     LENGTH,
@@ -441,6 +441,8 @@ def tree_rows(tree: Tree) -> list[tuple[str, str, str, int, str]]:
 
 def format_tree(tree: Tree) -> str:
     rows = tree_rows(tree)
+    if len(rows) - 1 > FOLD_ABOVE:  # a row per node is unreadable at 1,000: fold by level
+        return fold_levels(rows)
     head = ("PATH", "NAME", "ADDRESS", "LEVEL", "STATE")
     table = [head] + [(p, n, a, str(lv), s) for p, n, a, lv, s in rows]
     widths = [max(len(r[i]) for r in table) for i in range(4)]

@@ -183,10 +183,19 @@ class Printer:
         self._flush_node(node)
         self.status[node] = status
 
-    def node_lost(self, nodes: list[str], reason: str) -> None:
+    def node_lost(self, nodes: list[str], reason: str, now: bool = True) -> None:
+        """Note lost nodes; say so at once (``now``), as the rest of the job may run for long.
+
+        On a thousand nodes a rack master that dies mid-job is news the user needs then, not
+        after the job; the summary at the end lists every lost node again.
+        """
+        new = [node for node in nodes if node not in self.lost]
         for node in nodes:
             self._flush_node(node)
             self.lost.setdefault(node, reason)
+        if new and now:
+            self.err.write(f"gproc: lost {fold(new)}: {reason}\n".encode())
+            self.err.flush()
 
     def timed_out(self, nodes: list[str], phase: str) -> None:
         for node in nodes:
@@ -208,7 +217,7 @@ class Printer:
         """Print folded output and the summary; return the exit status of the whole job."""
         for node in self.lines.nodes():
             self._flush_node(node)
-        self.node_lost(unreported(self.planned, self.status, self.lost), NO_REPORT)
+        self.node_lost(unreported(self.planned, self.status, self.lost), NO_REPORT, now=False)
         if self.folded:
             self._print_folded()
         self._summary()
@@ -251,3 +260,35 @@ class Printer:
         if lines:
             self.err.write("".join(line + "\n" for line in lines).encode())
             self.err.flush()
+
+
+# ``gproc i`` prints one row per node up to this many nodes; above, one line per tree level
+# and state with the names folded (kn[1-19,21-39,...]): 1,000 rows are read by nobody.
+FOLD_ABOVE = 100
+
+
+def fold_levels(rows: list[tuple[str, str, str, int, str]], width: int = 100) -> str:
+    """The tree of ``gproc i`` folded by level and state (rows: path, name, address, level,
+    state, the master first), with the same last line as the full table."""
+    groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for _, name, _, level, state in rows[1:]:
+        groups[(level, state)].append(name)
+    lines = ["LEVEL  NODES  STATE  NAMES", f"{0:<5}  {1:>5}  {rows[0][4]:<5}  {rows[0][1]}"]
+    for (level, state), names in sorted(groups.items()):
+        head = f"{level:<5}  {len(names):>5}  {state:<5}  "
+        lines += _wrapped(head, fold(names), width)
+    up = sum(1 for r in rows[1:] if r[4] == "up")
+    lines.append(f"{len(rows) - 1} nodes below {rows[0][1]}: {up} up, {len(rows) - 1 - up} lost")
+    return "\n".join(lines)
+
+
+def _wrapped(head: str, text: str, width: int) -> list[str]:
+    """``head`` then ``text``, broken after commas to fit ``width``, continuations indented."""
+    lines, line = [], head
+    for piece in text.split(","):
+        candidate = piece if line in (head, " " * len(head)) else f",{piece}"
+        if len(line) + len(candidate) >= width and line not in (head, " " * len(head)):
+            lines.append(line + ",")
+            line, candidate = " " * len(head), piece
+        line += candidate
+    return [*lines, line]

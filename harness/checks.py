@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import IO
 
 from .cluster import Cluster, Result
+from .netns import NetnsCluster
 
 _LABEL = re.compile(r"^(kn\d+): (.*)$")
 
@@ -22,10 +23,14 @@ class Running:
     """``gproc ARGS`` started on the front-end; its output is read as it comes, so a test can
     wait for a line a job prints (the job has started on every node) before it acts."""
 
-    def __init__(self, cluster: Cluster, *args: str, cwd: str = "/root"):
-        front = cluster.container_name(cluster.require_plan().front_end)
-        cmd = ["docker", "exec", "-w", cwd, front, "gproc", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, cluster: Cluster | NetnsCluster, *args: str, cwd: str = "/root"):
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        if isinstance(cluster, NetnsCluster):
+            self.proc = cluster.popen(["gproc", *args], **pipes)
+        else:
+            front = cluster.container_name(cluster.require_plan().front_end)
+            cmd = ["docker", "exec", "-w", cwd, front, "gproc", *args]
+            self.proc = subprocess.Popen(cmd, **pipes)
         self._out: list[str] = []
         self._err: list[str] = []
         self._readers = [

@@ -1,5 +1,9 @@
 """``python -m harness``: bring an emulated KANE up, use it, break it, take it down.
 
+Two backends: ``docker`` (a container per node, the default) and ``netns`` (a network
+namespace per node, for 1,000 and more; ``harness/netns.py``). ``up --backend`` picks one;
+the other commands use the netns cluster of that name when one exists, else Docker.
+
 Every command finds the cluster by ``--name`` alone (labels on its containers and network),
 so a shell, a test run and a benchmark can share one cluster or clean up after each other.
 Errors are one line on stderr and an exit status: 2 for bad input, 1 for anything else.
@@ -18,7 +22,12 @@ from .cluster import DEFAULT_NAME, READY_TIMEOUT, Cluster, HarnessError
 from .faults import FAULTS, heal, inject
 from .host import ToolError
 from .images import ImageError, build_images
+from .netns import FAULTS as NETNS_FAULTS
+from .netns import READY_TIMEOUT as NETNS_TIMEOUT
+from .netns import NetnsCluster
 from .plan import KANE_SUBNET, LOCALES, PlanError, make_plan
+
+BACKENDS = ("docker", "netns")
 
 EPILOG = """\
 examples:
@@ -32,6 +41,12 @@ examples:
   python -m harness fault sshd-stop kn5       kn5 runs but cannot be logged into
   python -m harness heal                      restart what died, wait for all 80
   python -m harness down                      remove every container and the network
+  python -m harness up --nodes 1000 --backend netns
+                                              1,000 real slaves in network namespaces
+  python -m harness up --nodes 40 --backend netns --locale kane3 --racksize 5
+                                              three levels: rows, racks, nodes
+  python -m harness exec --node kn7 -- hostname
+  python -m harness fault cut kn20            (netns faults: kill, stop, cut, heal)
 
 The kane and kf locales compute 10.1.x.y addresses, so the network is 10.1.0.0/16 by
 default. Where that is taken, --subnet (or GPROC_HARNESS_SUBNET) moves the cluster to another
@@ -57,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GPROC_HARNESS_NAME", DEFAULT_NAME),
         help="cluster name: prefix of container names, value of their labels (%(default)s)",
     )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=os.environ.get("GPROC_HARNESS_BACKEND"),
+        help="docker or netns (default: netns when a netns cluster of this name exists)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = sub.add_parser(
         "up", help="replace the cluster of this name with a fresh one, wait until ready"
@@ -64,12 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=80, help="node containers kn1..knN (default 80)")
     up.add_argument("--locale", choices=LOCALES, default="kane", help="topology (default kane)")
     up.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=argparse.SUPPRESS,
+        help="docker: a container per node (default); netns: a network namespace per node",
+    )
+    up.add_argument("--racksize", type=int, help="netns: nodes per rack (-racksize of the daemons)")
+    up.add_argument(
         "--subnet",
         default=os.environ.get("GPROC_HARNESS_SUBNET", KANE_SUBNET),
         help="network for the cluster, a /16 or larger (default %(default)s)",
     )
     up.add_argument(
-        "--timeout", type=float, default=READY_TIMEOUT, help="seconds to wait for every daemon"
+        "--timeout",
+        type=float,
+        help=f"seconds to wait for the daemons (docker {READY_TIMEOUT:g}, netns {NETNS_TIMEOUT:g})",
     )
     up.add_argument(
         "--no-daemons",
@@ -84,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command")
     sub.add_parser("down", help="remove every container and network of the cluster")
     fault = sub.add_parser("fault", help="inject a fault into a node (or the front-end)")
-    fault.add_argument("fault", choices=FAULTS, help=", ".join(FAULTS))
+    kinds = tuple(dict.fromkeys(FAULTS + NETNS_FAULTS))
+    fault.add_argument("fault", choices=kinds, help=", ".join(kinds))
     fault.add_argument("node", help="node name (kn20) or the front-end's (cesspool)")
     hl = sub.add_parser(
         "heal", help="undo every fault, restart sshd and (unless --no-daemons) lost daemons"
@@ -140,7 +171,76 @@ def do_exec(cluster: Cluster, args: argparse.Namespace) -> int:
     return subprocess.call(["docker", "exec", *tty, cluster.container_name(host), *argv])
 
 
+def backend_of(args: argparse.Namespace) -> str:
+    if args.command == "images":  # images are Docker's alone
+        return "docker"
+    if args.backend:
+        return args.backend
+    if args.command != "up" and NetnsCluster.exists(args.name):
+        return "netns"
+    return "docker"
+
+
+def do_netns_status(cluster: NetnsCluster) -> int:
+    """One row per host: address, daemon pid, memory, state in the tree."""
+    plan = cluster.require_plan()
+    try:
+        pids: dict[str, int | str] = dict(cluster.pids())
+    except HarnessError:
+        pids = {}
+    try:
+        tree: dict[str, str] | None = cluster.tree()
+    except HarnessError:
+        tree = None
+    print(f"{'HOST':10} {'ADDRESS':15} {'PID':>8} TREE")
+    where = "-" if tree is None else "master"
+    front = pids.get(plan.front_end, "-")
+    print(f"{plan.front_end:10} {plan.front_end_address:15} {front:>8} {where}")
+    for n in plan.nodes:
+        state = "-" if tree is None else tree.get(n.name, "absent")
+        print(f"{n.name:10} {n.address:15} {pids.get(n.name, '-'):>8} {state}")
+    up = sum(1 for n in plan.nodes if tree and tree.get(n.name) == "up")
+    master = "no master answers" if tree is None else f"{up} of {len(plan.nodes)} nodes up"
+    print(f"netns cluster {cluster.name!r} ({plan.locale}, run {cluster.run_id}): {master}")
+    return 0 if up == len(plan.nodes) else 1
+
+
+def dispatch_netns(args: argparse.Namespace) -> int:
+    cluster = NetnsCluster(args.name)
+    if args.command == "up":
+        cluster.up(args.nodes, args.locale, args.racksize, args.timeout or NETNS_TIMEOUT)
+        print(f"netns cluster {args.name!r} up: {args.nodes} nodes on {args.locale}")
+    elif args.command == "down":
+        print(f"removed {cluster.down()} namespaces of {args.name!r}")
+    elif args.command == "status":
+        return do_netns_status(cluster.attach())
+    elif args.command == "exec":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            raise PlanError("exec needs a command: python -m harness exec -- gproc i")
+        return cluster.attach().interactive(argv, args.node)
+    elif args.command == "fault":
+        if args.fault not in NETNS_FAULTS:
+            raise PlanError(f"the netns backend has no fault {args.fault!r}: {NETNS_FAULTS}")
+        cluster.attach().fault(args.fault, args.node)
+    elif args.command == "heal":
+        cluster.attach().heal(args.nodes or None)
+    elif args.command == "reload":
+        cluster.attach().reload()
+    else:
+        raise PlanError(f"the netns backend has no command {args.command!r}")
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
+    if backend_of(args) == "netns":
+        return dispatch_netns(args)
+    if args.command == "up" and args.racksize is not None:
+        raise PlanError("--racksize is for --backend netns")
+    if args.command == "fault" and args.fault not in FAULTS:
+        raise PlanError(f"the docker backend has no fault {args.fault!r}: {', '.join(FAULTS)}")
+    if args.command == "up" and args.timeout is None:
+        args.timeout = READY_TIMEOUT
     if args.command == "images":
         images = build_images()
         print(f"node {images.node}\nfrontend {images.frontend}")

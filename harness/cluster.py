@@ -15,6 +15,7 @@ starts from.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -58,7 +59,12 @@ _STOP_DAEMON = (
     "while kill -0 $p 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; "
     "kill -9 $p 2>/dev/null; fi"
 )
-_INFO_ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(up|lost)\s*$")
+# The master's tree as JSON {node: state}, from the front-end (see Cluster.tree).
+_TREE_JSON = (
+    "import json, sys; sys.path.insert(0, '/opt/gproc/gproc.pyz'); "
+    "from gproc.client import fetch_tree, tree_rows; "
+    "print(json.dumps({r[1]: r[4] for r in tree_rows(fetch_tree('/tmp/g'))[1:]}))"
+)
 
 
 class HarnessError(RuntimeError):
@@ -428,12 +434,16 @@ class Cluster:
             time.sleep(0.3)
 
     def tree(self) -> dict[str, str]:
-        """Node name -> state (up or lost) as the master's ``gproc i`` shows it."""
-        res = self.exec(["gproc", "i"], timeout=30)
+        """Node name -> state (up or lost) as the master's ``gproc i`` knows it.
+
+        Asked through gproc's own client (the zipapp is importable), not by parsing the text
+        of ``gproc i``, which folds the names of a tree of more than 100 nodes.
+        """
+        res = self.exec(["python3", "-c", _TREE_JSON], timeout=30)
         if res.status != 0:
-            raise HarnessError(f"gproc i failed (exit {res.status}): {res.err.strip()}")
-        rows = (_INFO_ROW.match(line) for line in res.lines()[2:])
-        return {m.group(2): m.group(5) for m in rows if m}
+            err = res.err.strip().splitlines()[-1:] or [""]
+            raise HarnessError(f"gproc i failed (exit {res.status}): {err[0]}")
+        return json.loads(res.out)
 
     def wait_ready(
         self, names: Iterable[str] | None = None, timeout: float = READY_TIMEOUT

@@ -16,11 +16,11 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-from gproc.locales import LocaleOptions, load_locale
+from gproc.locales import LocaleError, LocaleOptions, load_locale
 
 KANE_SUBNET = "10.1.0.0/16"
 FRONT_END = "cesspool"
-LOCALES = ("kane", "kf")
+LOCALES = ("kane", "kf", "kane3")
 TOPOLOGY_PATH = "/opt/gproc/topology.json"  # in the mounted code directory
 
 
@@ -50,6 +50,7 @@ class Plan:
     front_end: str  # the front-end's hostname (the master's name)
     front_end_address: str
     nodes: tuple[Node, ...]
+    rack_size: int | None = None  # -racksize for the daemons; None: the locale's own
 
     @property
     def translated(self) -> bool:
@@ -85,25 +86,33 @@ class Plan:
         return json.dumps({"master": master, "nodes": nodes}, indent=1)
 
 
-def make_plan(locale: str, count: int, subnet: str = KANE_SUBNET) -> Plan:
+def make_plan(
+    locale: str, count: int, subnet: str = KANE_SUBNET, rack_size: int | None = None
+) -> Plan:
     """Lay out ``count`` nodes of ``locale`` on ``subnet``; bad input raises PlanError."""
     if locale not in LOCALES:
         raise PlanError(f"unknown locale {locale!r} for the harness: use one of {LOCALES}")
     if count < 1:
         raise PlanError(f"bad node count {count}: give --nodes 1 or more")
+    if rack_size is not None and rack_size < 1:
+        raise PlanError(f"bad rack size {rack_size}: give --racksize 1 or more")
     net = _network(subnet)
-    loc = load_locale(locale, LocaleOptions(hostname=FRONT_END))
+    try:
+        loc = load_locale(locale, LocaleOptions(hostname=FRONT_END, rack_size=rack_size))
+        hosts = loc.hosts(1, count)
+    except LocaleError as error:
+        raise PlanError(str(error)) from None
     move = _mover(net)
     nodes = tuple(
         Node(h.name, h.number, move(h.address), h.level, h.parent, loc.place(h.number).node_id)
-        for h in loc.hosts(1, count)
+        for h in hosts
     )
     front = move(loc.front_end()[0])  # type: ignore[attr-defined]
     gateway = str(net.network_address + 1)
     used = {n.address for n in nodes} | {front}
     if gateway in used:
         raise PlanError(f"the gateway {gateway} of {subnet} collides with a node address")
-    return Plan(locale, str(net), gateway, FRONT_END, front, nodes)
+    return Plan(locale, str(net), gateway, FRONT_END, front, nodes, rack_size)
 
 
 def _network(subnet: str) -> ipaddress.IPv4Network:

@@ -28,6 +28,7 @@ BUILTIN = {
     "local": "local:Local",
     "kane": "kane:Kane",
     "kf": "kane:KaneFlat",
+    "kane3": "kane:KaneRows",
     "etchosts": "etchosts:EtcHosts",
 }
 

@@ -4,6 +4,14 @@ Nodes are kn1..knN; node N has the address 10.1.(30 + (N-1)//240).((N-1)%240 + 1
 240 nodes per /24. Every 20th node (-racksize) is a rack master under the front-end
 (-parent, default 10.1.254.254); see :mod:`.racks` for the rule and partial racks.
 Every daemon listens on its node's own address on -cmdport.
+
+``kane3`` extends the rule one level up for clusters of a thousand nodes and more: racks are
+grouped in rows of :data:`ROW_RACKS` racks, and the first node of each row is its row master,
+under the front-end with id = the row's number. The row's rack masters hang under it with
+id = the rack's place in the row (1..5), and every other node stays under its rack master with
+id N % 20. So ``2/3/.`` is row 2's third rack (its rack master and nodes), ``./.`` every row
+master and rack master, ``././.`` everyone. The first node is promoted (rather than a rack
+master doubling as row master) so that no parent has two children with one id.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from .racks import RackTree
 
 DEFAULT_FRONT_END = "10.1.254.254"
 NODES_PER_SUBNET = 240
+ROW_RACKS = 5  # kane3: racks per row
 FIRST_SUBNET = 30
 _HOSTNAME = re.compile(r"kn(\d+)(?:\..*)?")
 
@@ -65,3 +74,23 @@ class KaneFlat(Kane):
 
     def uplink(self, number: int) -> tuple[int | None, int]:
         return None, number
+
+
+class KaneRows(Kane):
+    """KANE three levels deep: front-end -> row masters -> rack masters -> nodes."""
+
+    name = "kane3"
+
+    @property
+    def row(self) -> int:
+        """Nodes per row."""
+        return self.rack * ROW_RACKS
+
+    def uplink(self, number: int) -> tuple[int | None, int]:
+        row_index = (number - 1) // self.row  # 0-based
+        row_master = row_index * self.row + 1
+        if number == row_master:
+            return None, row_index + 1
+        if number % self.rack == 0:
+            return row_master, (number - row_master) // self.rack + 1
+        return super().uplink(number)

@@ -19,7 +19,7 @@ from .base import Host, Locale, LocaleError, LocaleOptions, Placement, check_ran
 
 
 class RackTree(Locale):
-    """A two-level tree: front-end -> rack masters -> nodes."""
+    """A two-level tree: front-end -> rack masters -> nodes (subclasses may add levels)."""
 
     default_rack_size: int = 20
 
@@ -59,6 +59,15 @@ class RackTree(Locale):
             return None, number // self.rack
         return -(-number // self.rack) * self.rack, number % self.rack
 
+    def level(self, number: int) -> int:
+        """1 under the front-end, one more per parent above; deeper rules (rows) need no more."""
+        depth = 1
+        parent, _ = self.uplink(number)
+        while parent is not None:
+            depth += 1
+            parent, _ = self.uplink(parent)
+        return depth
+
     def place(self, number: int | None = None) -> Placement:
         n = self.own_number() if number is None else number
         if n < 1:
@@ -68,7 +77,7 @@ class RackTree(Locale):
             name=self.node_name(n),
             number=n,
             node_id=node_id,
-            level=1 if parent is None else 2,
+            level=self.level(n),
             parent=self.front_end() if parent is None else self.listen(parent),
             listen=self.listen(n),
             bin_root=self.bin_root(n),
@@ -85,6 +94,6 @@ class RackTree(Locale):
             name=self.node_name(number),
             number=number,
             address=self.address(number),
-            level=1 if parent is None else 2,
+            level=self.level(number),
             parent=self.master_name() if parent is None else self.node_name(parent),
         )

@@ -19,7 +19,7 @@ from gproc.locales import (
     load_locale,
 )
 from gproc.locales.etchosts import EtcHosts
-from gproc.locales.kane import Kane, KaneFlat
+from gproc.locales.kane import Kane, KaneFlat, KaneRows
 from gproc.locales.local import Local
 from gproc.locales.static import Static
 
@@ -89,6 +89,36 @@ def test_kane_hosts_form_four_racks_of_twenty() -> None:
     children = Counter(host.parent for host in hosts if host.level == 2)
     assert children == {"kn20": 19, "kn40": 19, "kn60": 19, "kn80": 19}
     assert hosts[0] == Host("kn1", 1, "10.1.30.1", 2, "kn20")
+
+
+def test_kane3_rows_of_five_racks_under_their_first_node() -> None:
+    rows = KaneRows(LocaleOptions(hostname="cesspool"))
+    place = {n: rows.place(n) for n in (1, 2, 20, 21, 40, 100, 101, 141, 160, 1000)}
+    # (parent address, id, level): kn1 and kn101 are row masters, every 20th a rack master
+    assert {n: (p.parent[0], p.node_id, p.level) for n, p in place.items()} == {
+        1: ("10.1.254.254", 1, 1),
+        2: ("10.1.30.20", 2, 3),
+        20: ("10.1.30.1", 1, 2),
+        21: ("10.1.30.40", 1, 3),
+        40: ("10.1.30.1", 2, 2),
+        100: ("10.1.30.1", 5, 2),
+        101: ("10.1.254.254", 2, 1),
+        141: ("10.1.30.160", 1, 3),
+        160: ("10.1.30.101", 3, 2),
+        1000: ("10.1.33.181", 5, 2),
+    }
+    hosts = rows.hosts(1, 1000)
+    assert Counter(h.level for h in hosts) == {1: 10, 2: 50, 3: 940}
+    slots = Counter((h.parent, rows.place(h.number).node_id) for h in hosts)
+    assert max(slots.values()) == 1  # no parent has two children with one id
+
+
+def test_kane3_follows_the_rack_size() -> None:
+    rows = KaneRows(LocaleOptions(hostname="cesspool", rack_size=5))
+    hosts = {h.name: h for h in rows.hosts(1, 40)}
+    assert [n for n, h in hosts.items() if h.level == 1] == ["kn1", "kn26"]
+    assert [n for n, h in hosts.items() if h.parent == "kn26"] == ["kn30", "kn35", "kn40"]
+    assert [n for n, h in hosts.items() if h.parent == "kn40"] == [f"kn{n}" for n in range(36, 40)]
 
 
 def test_kane_partial_last_rack_names_its_missing_master() -> None:
@@ -408,7 +438,14 @@ def test_static_unreadable_or_unparsable(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "cls"), [("kane", Kane), ("kf", KaneFlat), ("local", Local), ("etchosts", EtcHosts)]
+    ("name", "cls"),
+    [
+        ("kane", Kane),
+        ("kf", KaneFlat),
+        ("kane3", KaneRows),
+        ("local", Local),
+        ("etchosts", EtcHosts),
+    ],
 )
 def test_find_builtin_by_name(name: str, cls: type[Locale]) -> None:
     assert find_locale(name) is cls
@@ -420,6 +457,7 @@ def test_installed_entry_points_name_the_builtins() -> None:
     assert {name: points[name] for name in base.BUILTIN} == {
         "kane": Kane,
         "kf": KaneFlat,
+        "kane3": KaneRows,
         "local": Local,
         "etchosts": EtcHosts,
     }

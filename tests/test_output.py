@@ -103,3 +103,32 @@ def test_raw_passes_a_long_line_through_untouched() -> None:
     p.exited("n1", 0)
     p.finish()
     assert out.getvalue() == data
+
+
+def test_gproc_i_folds_a_big_tree_by_level_and_state() -> None:
+    from gproc.client import format_tree
+
+    racks = [
+        {
+            "id": r,
+            "name": f"kn{r * 20}",
+            "addr": "a",
+            "state": "up",
+            "children": [
+                {"id": i, "name": f"kn{(r - 1) * 20 + i}", "addr": "a", "state": "up"}
+                for i in range(1, 20)
+            ],
+        }
+        for r in range(1, 51)
+    ]
+    racks[2]["children"][4]["state"] = "lost"  # kn45
+    text = format_tree({"name": "cesspool", "addr": "a", "state": "up", "children": racks})
+    lines = text.splitlines()
+    assert len(lines) < 20 and max(map(len, lines)) <= 100
+    assert lines[0].split() == ["LEVEL", "NODES", "STATE", "NAMES"]
+    assert lines[2].split()[:3] == ["1", "50", "up"]
+    assert lines[2].split()[3].startswith("kn[20,40,60,80,100,")
+    assert ["2", "1", "lost", "kn45"] in [line.split() for line in lines]
+    assert lines[-1] == "1000 nodes below cesspool: 999 up, 1 lost"
+    small = format_tree({"name": "m", "addr": "a", "state": "up", "children": racks[:1]})
+    assert len(small.splitlines()) == 1 + 1 + 20 + 1  # up to 100 nodes: a row each
