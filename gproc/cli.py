@@ -93,7 +93,8 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     add("defaultMasterUDS", "the master's Unix socket (default /tmp/g)", metavar="PATH")
     add(
         "locale",
-        "topology: local, kane, kf, kane3, etchosts, or a .json/.toml topology file (default local)",
+        "topology: local, kane, kf, kane3, etchosts, or a .json/.toml topology file "
+        "(default local)",
         metavar="NAME",
     )
     add("cmdport", "TCP port daemons serve children on (default 6666)", type=int, metavar="PORT")
