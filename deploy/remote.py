@@ -66,6 +66,7 @@ class Remote:
             # into the in-memory set only: paramiko's own saving rewrites the whole file,
             # and 32 threads doing that at once lose keys
             conn.client.get_host_keys().load(known)
+            _known_by_name(conn.client.get_host_keys(), self.name, self.address, o.port)
         if o.accept_new_host_keys:
             conn.client.set_missing_host_key_policy(_RememberNewKeys(known))
         else:
@@ -128,6 +129,20 @@ class Remote:
         except (OSError, EOFError) as e:
             raise Failed(f"upload of {local.name} failed: {e}") from None
         self.run(f"chmod {mode:o} {tmp} && mv -f {tmp} {remote}")
+
+
+def _known_by_name(keys, name: str, address: str, port: int) -> None:  # noqa: ANN001
+    """Match the host key by name as ssh does: a known_hosts line for ``kn5`` alone vouches
+    for the address gproc-deploy connects to, unless a line for the address says otherwise
+    (then that key must match, as before)."""
+
+    def entry(host: str) -> str:
+        return host if port == 22 else f"[{host}]:{port}"
+
+    by_name = keys.lookup(entry(name))
+    if by_name is not None and keys.lookup(entry(address)) is None:
+        for kind in by_name.keys():
+            keys.add(entry(address), kind, by_name[kind])
 
 
 _known_hosts_lock = threading.Lock()

@@ -340,3 +340,14 @@ def test_retry_failed_touches_only_what_failed(bare_cluster):
     assert hosts(retry) == {"kn5": ("changed", "started")}
     run = gproc(bare_cluster, "e", "./.", "/bin/hostname")
     assert by_node(run) == {n: [n] for n in names(1, 80)}
+
+
+def test_host_keys_are_matched_by_name_as_ssh_does(bare_cluster):
+    """A known_hosts file that names the nodes without their addresses trusts them."""
+    names_only = "/tmp/names_known_hosts"
+    strip = f"sed -E 's/^(kn[0-9]+),[0-9.]+ /\\1 /' /root/.ssh/known_hosts > {names_only}"
+    assert bare_cluster.exec(["sh", "-c", strip]).status == 0
+    assert "10.1.30." not in bare_cluster.exec(["cat", names_only]).out
+    res = deploy(bare_cluster, *UP, "--known-hosts", names_only)
+    assert res.status == 0, res.out + res.err
+    assert set(states(res).values()) <= {"ok", "changed"} and len(states(res)) == 80
