@@ -141,7 +141,7 @@ def _known_by_name(keys, name: str, address: str, port: int) -> None:  # noqa: A
 
     by_name = keys.lookup(entry(name))
     if by_name is not None and keys.lookup(entry(address)) is None:
-        for kind in by_name.keys():
+        for kind in list(by_name):
             keys.add(entry(address), kind, by_name[kind])
 
 
