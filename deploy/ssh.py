@@ -121,6 +121,7 @@ class SshDeployer:
         self.uploaded = 0
         self.digest = ""  # the artifact's
         self.fingerprint = ""  # artifact, key and daemon settings: a change restarts
+        self.key_digest = ""  # a new key restarts the whole tree at once, not rolling
         self.master_restarts = False  # --check: the master would restart (nodes start anew)
         self.pyz: Path | None = None  # the artifact deployed (the master runs it)
         self.refused = 0.0  # rolling: the longest any node refused new jobs, in seconds
@@ -285,6 +286,7 @@ class SshDeployer:
 
         self.each("copy", hosts, copy_one)
         self.digest = digest
+        self.key_digest = key_digest
         self.pyz = pyz
         settings = shlex.join(self._switches("KEY", self.remote_locale))
         self.fingerprint = hashlib.sha256(f"{digest} {key_digest} {settings}".encode()).hexdigest()
@@ -421,11 +423,14 @@ class SshDeployer:
         t = time.monotonic()
         self.copy(hosts, rollback)
         running, restart = self.master_change()
-        if running and restart and self.s.serial > 0 and not self.s.check:
+        new_key = self._kept("key") not in ("", self.key_digest)  # one tree cannot mix keys
+        if running and restart and self.s.serial > 0 and not self.s.check and not new_key:
             self.rolling(hosts)
         else:
             self.start_master(hosts)
             self.start_levels(hosts)
+        if not self.s.check:
+            (self.state / "key").write_text(self.key_digest + "\n")
         if not self.s.check:
             self.adopt(self.digest)
             self.remember(hosts)
