@@ -119,7 +119,11 @@ def rolling_upgrade(cluster: Cluster, nodes: int) -> list[tuple[str, str]]:
 
     client = threading.Thread(target=jobs, daemon=True)
     client.start()
-    argv = ["env", f"PYTHONPATH={SITE2}", "gproc-deploy", "up", "1", str(nodes), "--locale", "kane"]
+    main = (
+        f"import sys; sys.path.insert(0, {SITE2!r}); "
+        "from gproc.deploy.cli import main; sys.exit(main())"
+    )
+    argv = ["python3", "-c", main, "up", "1", str(nodes), "--locale", "kane"]
     t = time.monotonic()
     res = cluster.exec(argv, timeout=1800)
     took = time.monotonic() - t

@@ -252,6 +252,14 @@ def changed_tree(cluster: Cluster) -> None:
     assert cluster.exec(["sh", "-c", make]).status == 0
 
 
+def deployer_from(site: str) -> str:
+    """gproc-deploy's main from the code in ``site`` (as the front-end's wrapper does)."""
+    return (
+        f"import sys; sys.path.insert(0, {site!r}); "
+        "from gproc.deploy.cli import main; sys.exit(main())"
+    )
+
+
 def digests(cluster: Cluster) -> set[str]:
     return {r.out.strip() for r in cluster.on_nodes(["sh", "-c", DIGEST]).values()}
 
@@ -261,7 +269,7 @@ class Deploying:
 
     def __init__(self, cluster: Cluster, site: str, *args: str):
         front = cluster.container_name(cluster.require_plan().front_end)
-        cmd = ["docker", "exec", front, "env", f"PYTHONPATH={site}", "gproc-deploy", *args]
+        cmd = ["docker", "exec", front, "python3", "-c", deployer_from(site), *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
