@@ -102,7 +102,9 @@ def place() -> Iterator[Place]:
         (elftools, "elftools"),
     ):
         source = Path(module.__file__).parent
-        shutil.copytree(source, site / where, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(  # installed, locales and deploy are inside gproc already
+            source, site / where, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+        )
     for top, dirs, files in os.walk(site):
         for name in dirs:
             os.chmod(os.path.join(top, name), 0o755)
