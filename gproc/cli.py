@@ -321,7 +321,7 @@ def _parse_exec(args: argparse.Namespace) -> None:
     if len(rest) < least or (most is not None and len(rest) > most):
         raise SystemExit(usage_error(f"{args.mode} needs {what} after the node spec"))
     args.spec, args.command = rest[0], rest[1:]
-    if args.spec:
+    if args.spec or not args.only:  # only -w may leave the spec out
         try:
             nodespec.parse(args.spec)
         except nodespec.SpecError as e:

@@ -161,3 +161,9 @@ def test_daemon_refuses_a_key_others_can_read(tmp_path) -> None:
     key.chmod(0o644)
     r = gproc("-locale", "kane", "-myId", "3", "-key", str(key), "s")
     assert "chmod 600" in one_error_line(r)
+
+
+def test_an_empty_spec_is_a_usage_error_unless_w_names_the_nodes() -> None:
+    r = subprocess.run([sys.executable, "-m", "gproc", "e", "", "/bin/true"],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 2 and "bad node spec ''" in r.stderr
