@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for s in (up, copy, status, down, rollback):
         _common(s)
-    for s in (up, copy, down, rollback):
+    for s in (up, copy, down, rollback, status):
         _ssh(s)
     for s in (up, rollback):
         s.add_argument(
@@ -249,10 +249,6 @@ def run_ssh(args: argparse.Namespace) -> int:
                 "deploying over SSH needs Fabric: pip install 'gproc[deploy]'"
             ) from None
     state = ssh_state_dir(args.locale, args.cmdport)
-    if args.command == "status":
-        tree = fetch_tree(uds)
-        print(format_tree(tree))
-        return status_against_deployed(state, tree, args)
     key = args.key or str(default_key_path())
     opts = LocaleOptions(
         cmdport=args.cmdport,
@@ -288,6 +284,10 @@ def run_ssh(args: argparse.Namespace) -> int:
         ),
     )
     deployer = SshDeployer(locale, settings, state)
+    if args.command == "status":
+        tree = fetch_tree(uds)
+        print(format_tree(tree))
+        return status_against_deployed(state, tree, deployer)
     low, high = args.low, args.high
     whole = low is None
     if whole:
@@ -338,26 +338,42 @@ def check_up_front(ssh: SshOptions) -> None:
         )
 
 
-def status_against_deployed(state: Path, tree: dict, args: argparse.Namespace) -> int:
-    """1, naming them, when hosts this front-end deployed are missing from the tree or lost."""
+def status_against_deployed(state: Path, tree: dict, deployer: SshDeployer) -> int:  # noqa: F821
+    """Each deployed host: its state in the tree and the artifact it holds, against the one
+    deployed last; 1, naming them, when hosts are missing, lost or on another artifact."""
     from gproc.client import tree_rows
-    from gproc.locales import LocaleOptions, load_locale
     from gproc.nodespec import fold
 
     try:
         low, high = last_range(state)
     except GprocError:
         return 0  # nothing deployed from here to compare with
-    opts = LocaleOptions(cmdport=args.cmdport, bin_root=args.bin_root or "/tmp/xproc")
-    wanted = [h.name for h in load_locale(args.locale, opts).hosts(low, high)]
+    hosts = deployer.plan(low, high)
     seen = {name: st for _, name, _, _, st in tree_rows(tree)[1:]}
-    missing = [n for n in wanted if n not in seen]
-    lost = [n for n in wanted if seen.get(n) not in (None, "up")]
-    if not missing and not lost:
+    current = deployer.current_artifact()
+    held = deployer.artifacts_held(hosts) if current else {}
+    width = max((len(h.name) for h in hosts), default=4)
+    problems: dict[str, list[str]] = {}
+    for h in sorted(hosts, key=lambda h: h.number):
+        where = seen.get(h.name, "missing")
+        if where != "up":
+            problems.setdefault(where, []).append(h.name)
+        r = held.get(h.name)
+        if r is None:
+            version = "artifact: -"
+        elif r.state != "ok":
+            version = f"artifact unknown ({r.state}: {r.detail})"
+            problems.setdefault("of unknown artifact", []).append(h.name)
+        elif r.detail == current:
+            version = f"artifact {current[:12]} (the deployed one)"
+        else:
+            version = f"artifact {r.detail[:12] or 'none'}, not the deployed {current[:12]}"
+            problems.setdefault("on another artifact", []).append(h.name)
+        print(f"{h.name:<{width}}  {where:<7}  {version}")
+    if not problems:
         return 0
-    parts = [f"missing: {fold(missing)}"] if missing else []
-    parts += [f"lost: {fold(lost)}"] if lost else []
-    print(f"gproc-deploy: deployed hosts not up in the tree: {'; '.join(parts)}", file=sys.stderr)
+    said = "; ".join(f"{what}: {fold(names)}" for what, names in problems.items())
+    print(f"gproc-deploy: deployed hosts not as deployed: {said}", file=sys.stderr)
     return 1
 
 

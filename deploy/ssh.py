@@ -522,6 +522,21 @@ class SshDeployer:
                 below[h.parent].extend(below[h.name])
         return {n: sorted(m, key=lambda h: (h.level, h.number)) for n, m in below.items()}
 
+    def current_artifact(self) -> str:
+        """The hash of the artifact the last run deployed ("" when none)."""
+        return self._kept("current")
+
+    def artifacts_held(self, hosts: list[Host]) -> dict[str, Result]:
+        """Each host's artifact hash (as the detail of an ok), or why it is unknown."""
+        d = self.remote_dir
+
+        def read(remote: Remote, _host: Host) -> Result:
+            return Result(OK, remote.run(f"cat {d}/gproc.pyz.sha256 2>/dev/null; true").strip())
+
+        self.results = {}
+        self.each("artifacts", hosts, read)
+        return dict(self.results)
+
     def remember(self, hosts: list[Host]) -> None:
         """Each host's outcome, for --retry-failed."""
         path = self.state / "results.json"

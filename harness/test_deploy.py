@@ -73,7 +73,11 @@ def test_up_starts_every_host(bare_cluster, first_up):
 def test_status_shows_four_racks_of_nineteen(bare_cluster, first_up):
     res = deploy(bare_cluster, "status")
     assert res.status == 0, res.err
-    rows = [line.split() for line in res.lines()[1:-1]]
+    lines = res.lines()
+    end = next(i for i, line in enumerate(lines) if " nodes below " in line)
+    versions = [line for line in lines[end + 1 :] if line.startswith("kn")]
+    assert len(versions) == 80 and all("(the deployed one)" in v for v in versions), versions
+    rows = [line.split() for line in lines[1:end]]
     racks = {name: path for path, name, _, level, _ in rows if level == "1"}
     assert set(racks) == {"kn20", "kn40", "kn60", "kn80"}
     for rack_master, path in racks.items():
@@ -81,7 +85,7 @@ def test_status_shows_four_racks_of_nineteen(bare_cluster, first_up):
         below = {r[1] for r in rows if r[3] == "2" and r[0].startswith(f"{path}/")}
         assert below == names(top - 19, top - 1), rack_master
     assert all(r[4] == "up" for r in rows)
-    assert res.lines()[-1] == "80 nodes below cesspool: 80 up, 0 lost"
+    assert lines[end] == "80 nodes below cesspool: 80 up, 0 lost"
 
 
 def test_up_again_uploads_and_restarts_nothing(bare_cluster, first_up):
@@ -165,11 +169,21 @@ def test_status_names_a_deployed_node_that_is_lost(bare_cluster):
         wait_until(lambda: bare_cluster.tree().get("kn9"), 60, "kn9 lost", lambda s: s == "lost")
         res = deploy(bare_cluster, "status")
         assert res.status == 1, res.out + res.err
-        assert "deployed hosts not up in the tree: lost: kn9" in res.err
+        assert "deployed hosts not as deployed: lost: kn9" in res.err
     finally:
         heal(bare_cluster, daemons=False)
     assert deploy(bare_cluster, *UP).status == 0, "up brings kn9 back"
     assert deploy(bare_cluster, "status").status == 0
+    sha = "/tmp/gproc-deploy/gproc.pyz.sha256"
+    real = bare_cluster.exec(["cat", sha], host="kn7").out.strip()
+    bare_cluster.exec(["sh", "-c", f"echo 0123456789abcdef > {sha}"], host="kn7")
+    try:
+        res = deploy(bare_cluster, "status")
+        assert res.status == 1, res.out + res.err
+        assert "on another artifact: kn7" in res.err
+        assert f"artifact 0123456789ab, not the deployed {real[:12]}" in res.out
+    finally:
+        bare_cluster.exec(["sh", "-c", f"echo {real} > {sha}"], host="kn7")
 
 
 def test_down_kills_only_the_daemon_it_started(bare_cluster):
