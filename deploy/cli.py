@@ -12,10 +12,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gproc.errors import GprocError
 
 from .remote import SshOptions
+
+if TYPE_CHECKING:
+    from .ssh import SshDeployer  # Fabric stays unimported until SSH is used
 
 EPILOG = """\
 examples:
@@ -338,7 +342,7 @@ def check_up_front(ssh: SshOptions) -> None:
         )
 
 
-def status_against_deployed(state: Path, tree: dict, deployer: SshDeployer) -> int:  # noqa: F821
+def status_against_deployed(state: Path, tree: dict, deployer: SshDeployer) -> int:
     """Each deployed host: its state in the tree and the artifact it holds, against the one
     deployed last; 1, naming them, when hosts are missing, lost or on another artifact."""
     from gproc.client import tree_rows

@@ -393,17 +393,7 @@ class Sender:
 
 def drain(uds: str, nodes: list[str], on: bool) -> list[str]:
     """Take nodes out of service for new jobs (or back); the jobs still running on them."""
-    conn = connect(uds)
-    try:
-        conn.send(Drain(nodes, on))
-        reply = conn.recv()
-    finally:
-        conn.close()
-    if type(reply) is Error:
-        raise ClientError(reply.message)
-    if type(reply) is not Draining:
-        raise ClientError(f"the master did not answer the drain request: {reply!r}")
-    return reply.busy
+    return _request(uds, Drain(nodes, on), Draining, "drain").busy  # type: ignore[attr-defined]
 
 
 def fetch_tree(uds: str) -> Tree:
@@ -412,16 +402,22 @@ def fetch_tree(uds: str) -> Tree:
 
 def fetch_info(uds: str) -> TreeReply:
     """The tree and the running jobs, as the master sees them."""
+    return _request(uds, Info(), TreeReply, "info")  # type: ignore[return-value]
+
+
+def _request(uds: str, frame: Frame, answer: type[Frame], what: str) -> Frame:
+    """One question to the master and its one answer of kind ``answer``; its refusal, or
+    anything else, is a ClientError."""
     conn = connect(uds)
     try:
-        conn.send_first(Info())
+        conn.send_first(frame)
         reply = conn.recv()
     finally:
         conn.close()
     if type(reply) is Error:
         raise ClientError(reply.message)
-    if type(reply) is not TreeReply:
-        raise ClientError(f"the master did not answer the info request: {reply!r}")
+    if type(reply) is not answer:
+        raise ClientError(f"the master did not answer the {what} request: {reply!r}")
     return reply
 
 

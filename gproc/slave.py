@@ -314,11 +314,16 @@ class NodeRun(LocalRunner):
             if self.job is not None:
                 self.job.maybe_finish()
 
-    async def _give_up(self) -> int:
-        """A deadline passed before the program started: stop unpacking, say so."""
-        for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
+    async def _disk_settled(self) -> None:
+        """Let disk work in a thread (preparing, writing chunks) finish before anything
+        removes the files it works on."""
+        for step in (self.prepared, self.writing):
             if step is not None and not step.done():
                 await asyncio.gather(step, return_exceptions=True)
+
+    async def _give_up(self) -> int:
+        """A deadline passed before the program started: stop unpacking, say so."""
+        await self._disk_settled()
         limit = self.header.start_ms if self.late == "start" else self.header.run_ms
         switch = "-t" if self.late == "start" else "-u"
         why = f"the program had not started {limit / 1000:g}s after the job arrived ({switch})"
@@ -416,9 +421,7 @@ class NodeRun(LocalRunner):
         self._stop_timers()
         if self.proc is not None:
             sandbox.kill_group(self.proc)
-        for step in (self.prepared, self.writing):  # disk work in a thread: let it finish
-            if step is not None and not step.done():
-                await asyncio.gather(step, return_exceptions=True)
+        await self._disk_settled()
         if self.task is None:
             await self._cleanup()
             self.done = True

@@ -44,31 +44,16 @@ import socket
 import sys
 import traceback
 
-CLONE_NEWNS = 0x00020000
+from gproc.sandbox import CLONE_NEWNS, MS_PRIVATE, MS_REC, _check, _libc
+
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 HIDDEN = ("/run/netns", "/var/run/netns", "/run/docker/netns")  # pinned namespaces
 MAX_FDS = 200  # namespaces per spawn request (the kernel passes at most 253 at once)
 MARK = "harness.zygote"  # in the command line: how ``down`` finds a zygote left behind
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]  # the sandbox's libc, one more call
 
 
 def preload() -> None:
