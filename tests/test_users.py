@@ -470,3 +470,23 @@ def test_a_user_may_not_write_into_the_shared_bin_root(
     assert set(errors) >= NODES and all("drop -p=false" in errors[n] for n in NODES), r.stderr
     caches = list(shared.bin_root.glob("*.cache"))
     assert caches and all(c.stat().st_mode & 0o777 == 0o700 for c in caches), "root's only"
+
+
+def test_only_root_or_the_masters_user_may_drain_nodes(
+    shared: Tree, place: Place, users: tuple[User, User, str]
+) -> None:
+    """A user may run jobs on a shared tree, not take its nodes out of service."""
+    a = users[0]
+    code = (
+        f"import sys; sys.path.insert(0, {str(place.site)!r}); from gproc import client\n"
+        "try:\n"
+        f"    client.drain({shared.uds!r}, ['n1', 'n2'], True)\n"
+        "except client.ClientError as e:\n"
+        "    sys.exit(str(e))\n"
+    )
+    r = subprocess.run([place.python, "-s", "-c", code], user=a.uid, group=a.gid, cwd=a.home,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1
+    assert "only root or the master's own user may drain nodes" in r.stderr, r.stderr
+    ran = shared.gproc("e", "./.", "/bin/true")
+    assert ran.returncode == 0 and "draining" not in ran.stderr, "nothing was drained"
