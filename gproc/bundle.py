@@ -11,7 +11,6 @@ through, no device or special files, and sizes and hashes that match the bytes t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import posixpath
@@ -21,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gproc.cache import BlobCache, create, sha256_file, write_all
+from gproc.cache import BlobCache, create, write_all
+from gproc.digest import FileDigest, digest_file
 from gproc.errors import GprocError
 from gproc.protocol import CHUNK
 
@@ -42,7 +42,7 @@ class Entry:
     kind: str
     mode: int = 0o755
     size: int = 0
-    sha256: bytes = b""
+    sha256: bytes = b""  # the file's digest: the sha256 of its chunks' sha256s (gproc.digest)
     link: str = ""
     src: str = field(default="", repr=False)  # host path on the sender; never sent
 
@@ -127,7 +127,7 @@ class Packer:
         if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{host} is not a regular file, directory or symlink; cannot ship it")
         self._put(
-            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, sha256_file(host), src=host)
+            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, digest_file(host)[0], src=host)
         )
 
     def _put(self, entry: Entry) -> None:
@@ -301,10 +301,12 @@ class Unpacker:
     def complete(self) -> bool:
         return self.pos >= len(self.needed)
 
-    def feed(self, index: int, data: bytes) -> None:
+    def feed(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
         """Bytes of manifest entry ``index``; a file's frames come in order, files in order.
 
-        BundleError (or OSError) refuses the bundle: nothing of it is left.
+        ``digest``, when given, is the sha256 of ``data``, already checked (a data frame's):
+        a whole chunk that comes with it is not hashed again. BundleError (or OSError)
+        refuses the bundle: nothing of it is left.
         """
         if self.state != "open" or self.complete or self.needed[self.pos] != index:
             raise BundleError(f"bytes for manifest entry {index} arrived out of turn")
@@ -315,7 +317,7 @@ class Unpacker:
                 tmp = self._tmp(host)
                 self.staged.append((tmp, host))
                 self.current = _Incoming(tmp, entry, self.cache, clear=not self.fresh)
-            if self.current.write(memoryview(data)) < len(data):
+            if self.current.write(memoryview(data), digest) < len(data):
                 raise BundleError(f"{entry.path}: more bytes arrived than its {entry.size}")
             if self.current.left == 0:
                 self.current.finish()
@@ -573,7 +575,7 @@ def _clear(tmp: str) -> None:
 
 
 class _Incoming:
-    """One regular file being received: checked against its sha256 as the bytes are written.
+    """One regular file being received: checked against its digest as the bytes are written.
 
     With a cache, the bytes go to a spool file in the cache directory (never seen by a job),
     which becomes the blob once checked, and the job's file at ``tmp`` is a copy of it; without
@@ -585,16 +587,19 @@ class _Incoming:
         self.entry = entry
         self.cache = cache
         self.left = entry.size
-        self.hash = hashlib.sha256()
+        self.hash = FileDigest()
         if clear:
             _clear(tmp)
         self.spool = cache.spool(entry.size) if cache is not None else None
         self.fd = create(self.spool or tmp, readable=self.spool is not None)
 
-    def write(self, view: memoryview) -> int:
+    def write(self, view: memoryview, digest: bytes | None = None) -> int:
         """Write what fits of ``view``; the count written (less than given: too many bytes)."""
         part = view[: self.left]
-        self.hash.update(part)
+        try:
+            self.hash.add(part, digest if len(part) == len(view) else None)
+        except ValueError as e:  # chunks cut where the digest's are not: it cannot match
+            raise BundleError(f"{self.entry.path}: {e}; bytes refused") from None
         write_all(self.fd, part)
         self.left -= len(part)
         return len(part)
@@ -602,7 +607,7 @@ class _Incoming:
     def finish(self) -> None:
         if self.hash.digest() != self.entry.sha256:
             self.discard()
-            raise BundleError(f"{self.entry.path}: bytes do not match the manifest's sha256")
+            raise BundleError(f"{self.entry.path}: bytes do not match the manifest's sha256 digest")
         mode = self.entry.mode & 0o1777
         if self.spool is None:
             os.fchmod(self.fd, mode)

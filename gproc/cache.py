@@ -1,10 +1,10 @@
 """A node's cache of shipped files, by content hash, so a program's bytes cross the tree once.
 
 People run the same binary again and again; its libc does not change between runs. Each
-slave keeps the files it has received, named by their sha256, in a directory beside binRoot
-(bounded in size, least recently used out first). When a job arrives, a node answers with the
-files it does not hold, every hop passes the union up, and the client sends only those; each
-hop then forwards a file only to the children that asked for it.
+slave keeps the files it has received, named by their digest (gproc.digest), in a directory
+beside binRoot (bounded in size, least recently used out first). When a job arrives, a node
+answers with the files it does not hold, every hop passes the union up, and the client sends
+only those; each hop then forwards a file only to the children that asked for it.
 
 Every job gets its own copy of a cached file; no job ever holds a link to a blob. Jobs run as
 root, so permissions do not keep a job from writing a file it was given, and a job that
@@ -38,7 +38,7 @@ root job can reach the lower layer's files, which are the blobs, by their own pa
 since links move ctime the stamp below could not tell.
 
 A blob itself is written once, by us, in the cache directory (the receiving path spools a
-shipped file there, checks its sha256, and copies the job's file out of it), and then only
+shipped file there, checks its digest, and copies the job's file out of it), and then only
 read. So its (size, mtime_ns, ctime_ns, ino) stays what it was when it was stored, and a blob
 changed behind our back (say by a root job writing into the cache directory; ctime cannot be
 set back without moving the clock) is re-hashed before it is handed out, and dropped if its
@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import logging
 import os
@@ -64,6 +63,8 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
+
+from gproc.digest import digest_fd
 
 log = logging.getLogger("gproc.cache")
 
@@ -160,7 +161,7 @@ class BlobCache:
             known = self._index.get(blob)
         if known is not None and known[1] == stamp:
             return True
-        if sha256_fd(fd) == digest:
+        if digest_fd(fd) == digest:
             with self._lock:
                 if blob in self._index:
                     self._index[blob] = (st.st_size, stamp)
@@ -210,8 +211,8 @@ class BlobCache:
             with open(src, "rb") as f:
                 dst = create(spool, readable=True)
                 self.copy_fd(f.fileno(), dst, size)
-            if sha256_fd(dst) != digest:
-                raise OSError(errno.EINVAL, "bytes do not match the sha256 given")
+            if digest_fd(dst) != digest:
+                raise OSError(errno.EINVAL, "bytes do not match the digest given")
             self.keep(spool, dst, digest)
         except OSError as e:
             log.warning("cannot cache %s: %s", src, e)
@@ -307,22 +308,3 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         if n <= 0:
             raise OSError(errno.EIO, f"write wrote nothing with {len(view)} bytes left")
         view = view[n:]
-
-
-def sha256_fd(fd: int) -> bytes:
-    """The sha256 of an open file from offset 0, read a MiB at a time (the GIL is let go)."""
-    h = hashlib.sha256()
-    offset = 0
-    while block := os.pread(fd, BLOCK, offset):
-        h.update(block)
-        offset += len(block)
-    return h.digest()
-
-
-def sha256_file(path: str) -> bytes:
-    """The sha256 of a file, read a MiB at a time."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return sha256_fd(fd)
-    finally:
-        os.close(fd)

@@ -307,7 +307,7 @@ class Master:
             received += len(frame.data)
             if received > total:
                 raise ProtocolError(f"client sent more than the {total} bytes asked for")
-            await job.forward([(frame.index, frame.data)])
+            await job.forward([frame])
 
     async def _await_end(self, conn: Conn, job: Job) -> None:
         """Relay the client's input and signals until the job ends; a client that goes away

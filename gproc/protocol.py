@@ -1,8 +1,8 @@
-"""The gproc wire protocol, version 2: every frame kind, its fields, and the one codec.
+"""The gproc wire protocol, version 3: every frame kind, its fields, and the one codec.
 
 Every frame kind is a small dataclass below with a numeric ``KIND`` and its fields in wire
 order. A frame travels as a msgpack array ``[KIND, field1, field2, ...]``; only the hello is a
-map (``{"t": "hello", "v": 2, ...}``), because it is the one frame a peer of another version
+map (``{"t": "hello", "v": 3, ...}``), because it is the one frame a peer of another version
 must still be able to read and answer with a clear error. :func:`encode` is the only way a
 frame becomes bytes and :func:`decode` the only way bytes become a frame: it checks every
 field once (types, lengths, depth, the job header's rules) and raises :class:`ProtocolError`,
@@ -24,14 +24,14 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from gproc.digest import CHUNK, SIZE, chunk_digest
 from gproc.errors import GprocError
 
-VERSION = 2
+VERSION = 3
 # The largest body after authentication: a job header, whose manifest takes about 110 bytes
 # plus the path per file (50,000 files under a 60-character directory make 5.4 MB).
 MAX_FRAME = 16 << 20
 PREAUTH_MAX = 1024  # largest body before authentication: a hello or a proof
-CHUNK = 256 << 10  # file bytes per data frame
 LENGTH = struct.Struct(">I")
 NONCE = 32
 MAC = 32
@@ -329,14 +329,62 @@ _kind(
 )(JobHeader)
 
 
-@_kind(11, _job_id_or_empty, uint(1 << 20), blob(CHUNK))
 @dataclass(slots=True)
 class Data(Frame):
-    """Bytes of manifest entry ``index``, in order; parent to child under the job's window."""
+    """One chunk of manifest entry ``index``, in order; parent to child under the job's window.
 
+    Not msgpack: a data frame is a small fixed header, the chunk's sha256 and the raw bytes
+    (:func:`data_prefix`), so no hop copies the bytes to pack or unpack them, the MAC covers
+    the sha256 instead of the bytes, and a hop checks that sha256 once on arrival
+    (gproc.digest says why; docs/PROTOCOL.md, "Data frames", the layout).
+    """
+
+    KIND: ClassVar[int] = 11
     job: str
     index: int
-    data: bytes
+    data: bytes | memoryview
+    digest: bytes = field(default=b"", compare=False)  # of ``data``; encode() fills it in
+
+
+DATA_MARK = 0xC1  # never a msgpack type byte: a data body cannot be taken for another frame
+_DATA_INDEX = struct.Struct(">I")
+MAX_INDEX = 1 << 20  # manifest entries of one job
+
+
+def data_prefix(job: str, index: int, digest: bytes) -> bytes:
+    """What precedes a chunk's bytes in a data frame's body; the frame's MAC covers it."""
+    name = job.encode("ascii")
+    return bytes((DATA_MARK, len(name))) + name + _DATA_INDEX.pack(index) + digest
+
+
+def data_prefix_length(body: bytes | memoryview) -> int:
+    """Bytes of ``body``'s prefix when it is a data frame's, else 0."""
+    if not body or body[0] != DATA_MARK:
+        return 0
+    length = 2 + body[1] + _DATA_INDEX.size + SIZE if len(body) > 1 else 0
+    if len(body) < length or not length:
+        raise ProtocolError("data frame shorter than its header")
+    return length
+
+
+def _data(body: bytes | memoryview) -> Data:
+    """A data frame's body as a frame, once its bytes match the sha256 it carries."""
+    view = memoryview(body)
+    start = data_prefix_length(view)
+    name_end = 2 + view[1]
+    try:
+        job = _job_id_or_empty(bytes(view[2:name_end]).decode("ascii"))
+    except (UnicodeDecodeError, ProtocolError):
+        raise ProtocolError("data frame with a bad job id") from None
+    (index,) = _DATA_INDEX.unpack_from(view, name_end)
+    if index >= MAX_INDEX:
+        raise ProtocolError(f"data frame for manifest entry {index}, beyond {MAX_INDEX}")
+    digest, data = bytes(view[start - SIZE : start]), view[start:]
+    if len(data) > CHUNK:
+        raise ProtocolError(f"data frame of {len(data)} bytes, more than a {CHUNK}-byte chunk")
+    if chunk_digest(data) != digest:
+        raise ProtocolError("data frame whose bytes do not match its sha256 (altered on the way)")
+    return Data(job, index, data, digest)
 
 
 @_kind(12, _job_id_or_empty, uints())
@@ -554,6 +602,9 @@ def check_job(header: JobHeader) -> None:
 
 def encode(frame: Frame) -> bytes:
     """A frame's body (no length prefix, no MAC: gproc.session adds those)."""
+    if type(frame) is Data:
+        digest = frame.digest or chunk_digest(frame.data)
+        return data_prefix(frame.job, frame.index, digest) + frame.data
     if type(frame) is Hello:
         value: Any = {"t": "hello", "v": frame.version, "kind": frame.role, "nonce": frame.nonce}
     else:
@@ -592,6 +643,8 @@ def _unpack(body: bytes) -> Any:
 
 def decode(body: bytes) -> Frame:
     """Bytes of one frame body as a checked frame, or ProtocolError (BadJob for a job)."""
+    if body[:1] == b"\xc1":
+        return _data(body)
     value = _unpack(body)
     if type(value) is dict:
         return _hello(value)

@@ -52,6 +52,7 @@ from gproc.protocol import (
     Subtree,
     Tree,
     Welcome,
+    data_prefix,
     encode,
 )
 from gproc.session import body_digest, handshake
@@ -59,6 +60,7 @@ from gproc.stream import (
     HEARTBEAT,
     Conn,
     RateLimited,
+    Sealed,
     Window,
     charge,
     connection_handler,
@@ -231,24 +233,26 @@ class Job:
             wanted |= await leg.need
         return wanted
 
-    async def forward(self, chunks: list[tuple[int, bytes]]) -> None:
+    async def forward(self, chunks: list[Data]) -> None:
         """Send chunks to the legs that need their files, each as its window allows.
 
+        A chunk goes on as it came: its bytes and sha256 untouched, under a new prefix (the
+        job id a client leaves empty is filled in), whose digest is all the MACs cover.
         What the legs may take now is gathered and written in one go per leg (a batch of
         small files costs one system call per child, not one per file and child); when a
         leg's window is empty, everything gathered is written before waiting for credit.
         """
-        gathered: dict[Leg, list[tuple[bytes, bytes]]] = {}
-        for index, data in chunks:
+        gathered: dict[Leg, list[Sealed]] = {}
+        for chunk in chunks:
             legs = [
                 leg
                 for leg in self.legs.values()
-                if not leg.done and leg.need.done() and index in leg.need.result()
+                if not leg.done and leg.need.done() and chunk.index in leg.need.result()
             ]
             if not legs:
                 continue
-            body, cost = encode(Data(self.jid, index, data)), charge(len(data))
-            sealed = (body, body_digest(body))  # hashed once for every child
+            prefix = data_prefix(self.jid, chunk.index, chunk.digest)
+            sealed, cost = ((prefix, chunk.data), body_digest(prefix)), charge(len(chunk.data))
             for leg in legs:
                 if not leg.window.try_take(cost):
                     self._write_all(gathered)
@@ -260,7 +264,8 @@ class Job:
     async def forward_input(self, data: bytes) -> None:
         """The client's standard input to every open leg, each as its window allows."""
         body = encode(Input(self.jid, data))
-        sealed, cost = (body, body_digest(body)), charge(len(data))
+        sealed: Sealed = ((body,), body_digest(body))
+        cost = charge(len(data))
         legs = [leg for leg in self.legs.values() if not leg.done]
         for leg in legs:
             await leg.window.take(cost)
@@ -280,7 +285,7 @@ class Job:
             self.local.signal(signum)
 
     @staticmethod
-    def _write_all(gathered: dict[Leg, list[tuple[bytes, bytes]]]) -> None:
+    def _write_all(gathered: dict[Leg, list[Sealed]]) -> None:
         for leg, bodies in gathered.items():
             if bodies and not leg.done:
                 try:

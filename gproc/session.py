@@ -39,6 +39,7 @@ from gproc.protocol import (
     Proof,
     ProtocolError,
     VersionMismatch,
+    data_prefix_length,
     encode,
 )
 from gproc.stream import within
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 HANDSHAKE_TIMEOUT = 5.0
 SEQ = struct.Struct(">Q")
-LABEL = b"gproc v2 "
+LABEL = b"gproc v3 "
 
 
 def _expand(prk: bytes, label: bytes, transcript: bytes) -> bytes:
@@ -69,8 +70,12 @@ class Secrets:
 
 
 def body_digest(body: bytes | memoryview) -> bytes:
-    """What a frame's MAC covers of its body: its SHA-256 (see the module docstring)."""
-    return hashlib.sha256(body).digest()
+    """What a frame's MAC covers of its body: its SHA-256 (see the module docstring), or for
+    a data frame the SHA-256 of its prefix, which holds the chunk's own SHA-256: the receiver
+    checks that against the bytes (gproc.protocol decodes no data frame that fails it), so
+    the chunk is hashed once per hop and not at all to forward it."""
+    prefix = data_prefix_length(body)
+    return hashlib.sha256(body[:prefix] if prefix else body).digest()
 
 
 class Session:
@@ -82,20 +87,18 @@ class Session:
         self.sent = 0
         self.received = 0
 
-    def seal(self, body: bytes, digest: bytes | None = None) -> bytes:
+    def seal(self, body: bytes) -> bytes:
         """Length, body and MAC: one frame ready for the socket."""
-        head, mac = self.seal_parts(body, digest)
+        head, mac = self.seal_parts(len(body), body_digest(body))
         return head + body + mac
 
-    def seal_parts(self, body: bytes, digest: bytes | None = None) -> tuple[bytes, bytes]:
-        """The length word and the MAC that go before and after ``body``.
-
-        ``digest`` is :func:`body_digest` of ``body`` when the caller has it already (a hop
-        sending one chunk to many children hashes it once).
-        """
-        head = LENGTH.pack(len(body) + MAC)
+    def seal_parts(self, size: int, digest: bytes) -> tuple[bytes, bytes]:
+        """The length word and the MAC that go before and after a body of ``size`` bytes
+        whose :func:`body_digest` is ``digest`` (a hop sending one chunk to many children
+        computes it once)."""
+        head = LENGTH.pack(size + MAC)
         mac = self._send.copy()
-        mac.update(SEQ.pack(self.sent) + head + (digest or body_digest(body)))
+        mac.update(SEQ.pack(self.sent) + head + digest)
         self.sent += 1
         return head, mac.digest()
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gproc import copying, nodespec, pidfile, sandbox, users
 from gproc.bundle import BundleError, Unpacker, check_manifest
@@ -57,7 +57,6 @@ EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 EXIT_KILLED = 128 + 9
 EXIT_TIMEOUT = 124  # as timeout(1)
-STDIN = -1  # the queue index of the client's standard input (files have 0, 1, ...)
 RETRY_SECONDS = 0.5
 
 
@@ -261,7 +260,7 @@ class NodeRun(LocalRunner):
         assert self.prepared is not None
         return await self.prepared
 
-    async def feed(self, chunks: list[tuple[int, bytes]]) -> None:
+    async def feed(self, chunks: list[Data]) -> None:
         """Write chunks of needed files (in a thread); launch when the last file is in.
 
         A kill waits for a write in progress (:attr:`writing`) before it removes the files,
@@ -269,7 +268,7 @@ class NodeRun(LocalRunner):
         """
         if self.error or self.killed or self.unpacker is None or self.task is not None:
             return
-        wanted = [(i, b) for i, b in chunks if i in self.needed]
+        wanted = [chunk for chunk in chunks if chunk.index in self.needed]
         if not wanted:
             return
         unpacker = self.unpacker
@@ -287,9 +286,9 @@ class NodeRun(LocalRunner):
             self._launch()
 
     @staticmethod
-    def _write(unpacker: Unpacker, chunks: list[tuple[int, bytes]]) -> None:
-        for index, data in chunks:
-            unpacker.feed(index, data)
+    def _write(unpacker: Unpacker, chunks: list[Data]) -> None:
+        for chunk in chunks:
+            unpacker.feed(chunk.index, chunk.data, chunk.digest)
 
     def _launch(self) -> None:
         if self.task is None:
@@ -440,7 +439,7 @@ class Inflow:
         self.job = job
         self.run = run
         self.parent = parent
-        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.queue: collections.deque[Data | Input] = collections.deque()
         self.held = 0
         self.arrived = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._pump())
@@ -452,7 +451,7 @@ class Inflow:
             raise ProtocolError(f"the parent overran job {self.job.jid}'s file window")
         if type(frame) is Input and not self.job.header.stdin:
             raise ProtocolError(f"input for job {self.job.jid}, which takes none")
-        self.queue.append((frame.index if type(frame) is Data else STDIN, frame.data))
+        self.queue.append(frame)
         self.arrived.set()
 
     async def _pump(self) -> None:
@@ -464,16 +463,18 @@ class Inflow:
             batch = list(self.queue)
             self.queue.clear()
             for part in _runs(batch):
-                if part[0][0] == STDIN:
-                    await self._both(self.job.forward_input(part[0][1]), self._input(part[0][1]))
+                first = part[0]
+                if type(first) is Input:
+                    await self._both(self.job.forward_input(first.data), self._input(first.data))
                 else:
-                    await self._both(self.job.forward(part), self._files(part))
-            size = sum(charge(len(data)) for _, data in batch)
+                    chunks = cast(list[Data], part)
+                    await self._both(self.job.forward(chunks), self._files(chunks))
+            size = sum(charge(len(frame.data)) for frame in batch)
             self.held -= size
             self.parent.send_nowait(Credit(self.job.jid, size))
             await asyncio.sleep(0)  # one batch at a time: pings and other jobs go between
 
-    async def _files(self, chunks: list[tuple[int, bytes]]) -> None:
+    async def _files(self, chunks: list[Data]) -> None:
         if self.run is not None:
             await self.run.feed(chunks)
 
@@ -491,14 +492,14 @@ class Inflow:
             await asyncio.gather(local, return_exceptions=True)
 
 
-def _runs(batch: list[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+def _runs(batch: list[Data | Input]) -> list[list[Data | Input]]:
     """The batch cut where file chunks and input alternate; each input chunk on its own."""
-    runs: list[list[tuple[int, bytes]]] = []
-    for item in batch:
-        if item[0] == STDIN or not runs or runs[-1][0][0] == STDIN:
-            runs.append([item])
+    runs: list[list[Data | Input]] = []
+    for frame in batch:
+        if type(frame) is Input or not runs or type(runs[-1][0]) is Input:
+            runs.append([frame])
         else:
-            runs[-1].append(item)
+            runs[-1].append(frame)
     return runs
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from gproc.session import Session
 
 T = TypeVar("T")
+Sealed = tuple[tuple[bytes | memoryview, ...], bytes]  # a body's parts and its body_digest
 
 
 class Conn:
@@ -100,18 +101,23 @@ class Conn:
         else:
             self.writer.write(LENGTH.pack(len(body)) + body)
 
-    def write_bodies(self, bodies: list[tuple[bytes, bytes | None]]) -> None:
-        """Several frames, each a (body, its body_digest or None), in one write."""
+    def write_bodies(self, bodies: list[Sealed]) -> None:
+        """Several frames, each a (its body in parts, its body_digest), in one write.
+
+        The parts are joined once per write, here: a chunk forwarded to many children is
+        never re-encoded, and its prefix and bytes stay separate until then.
+        """
         if self.closed or self.writer.is_closing():
             raise ConnectionResetError("connection already closed")
-        parts: list[bytes] = []
-        for body, digest in bodies:
+        out: list[bytes | memoryview] = []
+        for parts, digest in bodies:
+            size = sum(len(p) for p in parts)
             if self.session is not None:
-                head, mac = self.session.seal_parts(body, digest)
-                parts += (head, body, mac)
+                head, mac = self.session.seal_parts(size, digest)
+                out += (head, *parts, mac)
             else:
-                parts += (LENGTH.pack(len(body)), body)
-        self.writer.write(b"".join(parts))  # one copy of the batch, one write
+                out += (LENGTH.pack(size), *parts)
+        self.writer.write(b"".join(out))  # one copy of the batch, one write
 
     def write(self, frame: Frame) -> None:
         """Queue one frame without waiting for the socket (the caller drains when it must)."""

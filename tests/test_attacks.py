@@ -37,6 +37,7 @@ from gproc.keys import load_key
 from gproc.protocol import (
     LENGTH,
     MAC,
+    VERSION,
     Exit,
     Frame,
     Hello,
@@ -102,7 +103,7 @@ async def _fake_parent(tree: Tree, port: int, slave_dir: Path, strategy: str,
             else:
                 injection = register
         else:
-            writer.write(frame_bytes(Hello(2, "parent", os.urandom(32))))
+            writer.write(frame_bytes(Hello(VERSION, "parent", os.urandom(32))))
             slave_proof = await read_frame(reader)
             if strategy == "borrowed-proof":
                 up_w.write(slave_hello + slave_proof)
@@ -146,7 +147,7 @@ def test_fake_parent_cannot_run_a_job(tree: Tree, tmp_path: Path, strategy: str)
         slave.stop()
     if master_answer is not None:
         # the master saw a proof for another transcript: it said hello and nothing more
-        hello_only = len(frame_bytes(Hello(2, "parent", bytes(32))))
+        hello_only = len(frame_bytes(Hello(VERSION, "parent", bytes(32))))
         assert len(master_answer) == hello_only, master_answer
     assert not marker.exists(), "the injected job ran"
     assert "Traceback" not in slave.log()
@@ -203,7 +204,7 @@ async def _fake_child(tree: Tree, target: int, strategy: str, slave_dir: Path) -
     server = None
     try:
         if strategy == "no-key":
-            up_w.write(frame_bytes(Hello(2, "slave", os.urandom(32))))
+            up_w.write(frame_bytes(Hello(VERSION, "slave", os.urandom(32))))
             await read_frame(up_r)
             injection = frame_bytes(Proof(os.urandom(32))) + frame_bytes(impostor)
         elif strategy == "wrong-key":

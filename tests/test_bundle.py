@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 from gproc.bundle import BundleError, Packer, Unpacker, check_manifest, chunks, total_size
 from gproc.cache import BlobCache
+from gproc.digest import digest_bytes
 
 
 def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
@@ -19,7 +19,7 @@ def entry(path: str, kind: str = "f", data: bytes = b"", **kw) -> dict:
         "k": kind,
         "m": 0o644,
         "s": len(data) if kind == "f" else 0,
-        "h": hashlib.sha256(data).digest() if kind == "f" else b"",
+        "h": digest_bytes(data) if kind == "f" else b"",
         "l": "",
     }
     e.update(kw)
@@ -168,7 +168,7 @@ def test_cache_stays_within_its_limit(tmp_path: Path) -> None:
     for n in range(6):
         src = tmp_path / f"f{n}"
         src.write_bytes(os.urandom(3000))
-        cache.add(str(src), hashlib.sha256(src.read_bytes()).digest())
+        cache.add(str(src), digest_bytes(src.read_bytes()))
     held = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
     assert held <= 10_000 and cache.size == held
 
@@ -189,7 +189,7 @@ def test_a_blob_changed_while_no_daemon_watched_is_not_handed_out(tmp_path: Path
     data = os.urandom(4000)
     src = tmp_path / "src"
     src.write_bytes(data)
-    digest = hashlib.sha256(data).digest()
+    digest = digest_bytes(data)
     BlobCache(tmp_path / "cache", 1 << 20).add(str(src), digest)
     (tmp_path / "cache" / digest.hex()).write_bytes(b"tampered")
     fresh = BlobCache(tmp_path / "cache", 1 << 20)  # as after a restart of the slave
@@ -283,7 +283,7 @@ def test_hash_mismatch_leaves_nothing_in_bin_root(bin_root: Path, tmp_path: Path
     cached = os.urandom(3000)
     src = tmp_path / "cached"
     src.write_bytes(cached)
-    cache.add(str(src), hashlib.sha256(cached).digest())
+    cache.add(str(src), digest_bytes(cached))
     raw = [
         entry("opt", "d"),
         entry("opt/deep", "d"),
@@ -361,7 +361,7 @@ def test_a_refused_bundle_in_a_fresh_staging_root_leaves_no_root(tmp_path: Path)
     cache = BlobCache(tmp_path / "cache", 1 << 20)
     cached = os.urandom(3000)
     (tmp_path / "src").write_bytes(cached)
-    cache.add(str(tmp_path / "src"), hashlib.sha256(cached).digest())
+    cache.add(str(tmp_path / "src"), digest_bytes(cached))
     stage = tmp_path / "stage"
     stage.mkdir()
     raw = [

@@ -3,7 +3,6 @@ unpack at once, in threads, sharing one cache that is evicting as they go."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -16,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from gproc.bundle import BundleError, Unpacker, check_manifest
-from gproc.cache import BlobCache, sha256_file
+from gproc.cache import BlobCache
+from gproc.digest import digest_bytes, digest_file
 
 FLIP = bytes(b ^ 0xFF for b in range(256))
 
 
 def entry(path: str, data: bytes, mode: int = 0o755) -> dict:
-    return {"p": path, "k": "f", "m": mode, "s": len(data), "h": hashlib.sha256(data).digest()}
+    return {"p": path, "k": "f", "m": mode, "s": len(data), "h": digest_bytes(data)}
 
 
 def unpack(root: Path, files: dict[str, bytes], cache: BlobCache | None, tag: str) -> list[int]:
@@ -103,7 +103,7 @@ def test_a_blob_rewritten_in_the_cache_with_its_times_put_back_is_not_handed_out
     cache = BlobCache(tmp_path / "cache", 1 << 20)
     unpack(tmp_path / "jobA", files, cache, "a")
     for data in files.values():
-        rewrite_in_place(tmp_path / "cache" / hashlib.sha256(data).hexdigest())
+        rewrite_in_place(tmp_path / "cache" / digest_bytes(data).hex())
     assert unpack(tmp_path / "jobB", files, cache, "b") == [0, 1], "shipped again"
     for path, data in files.items():
         assert (tmp_path / "jobB" / path).read_bytes() == data
@@ -116,14 +116,15 @@ def test_a_short_write_is_never_taken_for_a_whole_one(tmp_path: Path) -> None:
     The file is refused, and the cache keeps no truncated blob under the whole file's hash.
     """
     script = f"""
-import os, resource, signal, sys, hashlib
+import os, resource, signal, sys
+from gproc.digest import digest_bytes
 from pathlib import Path
 from gproc.bundle import Unpacker, check_manifest
 from gproc.cache import BlobCache
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 cache = BlobCache(Path({str(tmp_path / "cache")!r}), 1 << 20)
 data = os.urandom(50_000)
-raw = [{{"p": "f", "k": "f", "m": 0o644, "s": len(data), "h": hashlib.sha256(data).digest()}}]
+raw = [{{"p": "f", "k": "f", "m": 0o644, "s": len(data), "h": digest_bytes(data)}}]
 u = Unpacker(Path({str(tmp_path / "job")!r}), check_manifest(raw, len(data)), "t", cache)
 resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
 try:
@@ -176,7 +177,7 @@ def test_concurrent_unpackers_sharing_a_cache_under_eviction_get_their_bytes(
     blobs = {p.name: p for p in (tmp_path / "cache").iterdir()}
     assert not [name for name in blobs if name.startswith(".")], "no spool left behind"
     for name, path in blobs.items():
-        assert sha256_file(str(path)).hex() == name
+        assert digest_file(str(path))[0].hex() == name
     assert cache.size == sum(p.stat().st_size for p in blobs.values()) <= limit
     assert 0 < sum(shipped) < 8 * 25 * 10, "some files came from the cache, some were shipped"
 
@@ -189,7 +190,7 @@ def test_a_blob_evicted_while_it_is_copied_out_is_copied_whole_or_shipped(
     srcs = []
     for name, data in (("big", big), ("other", other)):
         (tmp_path / name).write_bytes(data)
-        srcs.append((str(tmp_path / name), hashlib.sha256(data).digest()))
+        srcs.append((str(tmp_path / name), digest_bytes(data)))
     outcomes = set()
     for n in range(20):
         cache.add(*srcs[0])
@@ -241,7 +242,7 @@ def test_a_restarted_cache_forgets_spools_and_counts_its_blobs(tmp_path: Path) -
     (tmp_path / "cache" / ".in-1-1").write_bytes(b"half a file")  # a killed predecessor's
     again = BlobCache(tmp_path / "cache", 1 << 20)
     assert again.size == 1000
-    assert os.listdir(tmp_path / "cache") == [hashlib.sha256(b"x" * 1000).hexdigest()]
+    assert os.listdir(tmp_path / "cache") == [digest_bytes(b"x" * 1000).hex()]
 
 
 @pytest.mark.skipif(

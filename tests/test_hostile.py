@@ -14,6 +14,7 @@ from conftest import Tree
 from gproc.protocol import (
     MAX_FRAME,
     PREAUTH_MAX,
+    VERSION,
     BadJob,
     Error,
     Hello,
@@ -66,7 +67,7 @@ def test_peer_without_the_key_is_refused(tree: Tree) -> None:
 
 def test_without_the_key_a_peer_cannot_register(tree: Tree) -> None:
     """Skipping the proof and sending a register frame gets the connection closed."""
-    hello = frame_bytes(Hello(2, "slave", os.urandom(32)))
+    hello = frame_bytes(Hello(VERSION, "slave", os.urandom(32)))
     register = frame_bytes(Register(3, "intruder", "x", []))
     raw_exchange(master_port(tree), hello + register)
     r = tree.gproc("i")
@@ -151,14 +152,15 @@ def test_frame_cap_is_enforced_on_send() -> None:
         encode(Out("ab", "n1", 1, b"x" * (MAX_FRAME + 1)))
 
 
-def test_a_version_1_peer_learns_which_version_we_speak(tree: Tree) -> None:
-    """A daemon of the old protocol gets our hello (so it can say why) and is refused."""
-    v1_hello = {"t": "hello", "v": 1, "kind": "slave", "nonce": b"n" * 32}
-    body = msgpack.packb(v1_hello, use_bin_type=True)
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_older_peer_learns_which_version_we_speak(tree: Tree, old: int) -> None:
+    """A daemon of an older protocol gets our hello (so it can say why) and is refused."""
+    old_hello = {"t": "hello", "v": old, "kind": "slave", "nonce": b"n" * 32}
+    body = msgpack.packb(old_hello, use_bin_type=True)
     got = raw_exchange(master_port(tree), struct.pack(">I", len(body)) + body)
     (size,) = struct.unpack(">I", got[:4])
     reply = msgpack.unpackb(got[4 : 4 + size])
-    assert reply["t"] == "hello" and reply["v"] == 2
+    assert reply["t"] == "hello" and reply["v"] == VERSION
     assert len(got) == 4 + size  # and nothing more: the connection was closed
     run_job(tree)
 
