@@ -22,7 +22,7 @@ import resource
 import socket
 import time
 
-from gproc import nodespec, users
+from gproc import nodespec, users, wire
 from gproc.bundle import BundleError, Entry, check_manifest
 from gproc.errors import GprocError
 from gproc.protocol import (
@@ -124,7 +124,7 @@ class Master:
         self._claim_path()
         old = os.umask(0o177)
         try:
-            self.uds_server = await asyncio.start_unix_server(self._client, self.uds)
+            self.uds_server = await wire.start_unix_server(self._client, self.uds)
         finally:
             os.umask(old)
         if self.allow.kind == "group":
@@ -168,7 +168,7 @@ class Master:
     # ------------------------------------------------------------ clients
 
     @connection_handler(log)
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(self, reader: wire.FrameReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer, limit=MAX_FRAME)
         peer = None
         try:

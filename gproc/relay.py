@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gproc import nodespec
+from gproc import nodespec, wire
 from gproc.protocol import (
     Bye,
     Credit,
@@ -481,12 +481,12 @@ class Hop:
     # ------------------------------------------------------------ children
 
     async def serve(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        self.server = await wire.start_server(self._accept, host, port, reuse_address=True)
         children = lambda: [c.conn for c in self.children.values()]  # noqa: E731
         self.watchdog = asyncio.ensure_future(keep_alive(children, self.heartbeat, log))
 
     @connection_handler(log)
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: wire.FrameReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer)
         if self.unauthenticated >= MAX_UNAUTHENTICATED:
             self.refused.warn(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from gproc import copying, nodespec, pidfile, sandbox, users
+from gproc import copying, nodespec, pidfile, sandbox, users, wire
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -511,7 +511,7 @@ async def dial_parent(host: str, port: int, key: bytes, name: str) -> Conn:
     attempt = 0
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await wire.open_connection(host, port)
             break
         except OSError as e:
             attempt += 1

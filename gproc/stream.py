@@ -29,6 +29,7 @@ from gproc.protocol import (
     decode,
     encode,
 )
+from gproc.wire import FrameReader, Incomplete
 
 if TYPE_CHECKING:
     from gproc.session import Session
@@ -42,7 +43,7 @@ class Conn:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
+        reader: FrameReader,
         writer: asyncio.StreamWriter,
         limit: int = PREAUTH_MAX,
     ):
@@ -64,25 +65,23 @@ class Conn:
     async def recv_raw(self) -> tuple[bytes | memoryview, Frame]:
         """The next frame and its body bytes; ConnectionResetError on end of stream."""
         try:
-            head = await self.reader.readexactly(4)
-        except asyncio.IncompleteReadError as e:
-            if e.partial:
-                raise ProtocolError("connection closed inside a frame header") from None
+            head, payload = await self.reader.next(self._check_length)
+        except Incomplete as e:
+            if e.pending:
+                raise ProtocolError(f"connection closed {e.pending} bytes into a frame") from None
             raise ConnectionResetError("connection closed") from None
-        (size,) = LENGTH.unpack(head)
+        body = self.session.open(head, payload) if self.session is not None else payload
+        frame = decode(body)
+        self.last_heard = time.monotonic()
+        return body, frame
+
+    def _check_length(self, size: int) -> None:
+        """Refuse a frame's length before anything is read or allocated for its body."""
         if self.session is not None:
             if not MAC <= size <= self.limit + MAC:
                 raise ProtocolError(f"frame length {size} outside 32..{self.limit + MAC}")
         elif size > self.limit:
             raise ProtocolError(f"frame length {size} exceeds the {self.limit}-byte cap")
-        try:
-            payload = await self.reader.readexactly(size)
-        except asyncio.IncompleteReadError:
-            raise ProtocolError(f"connection closed inside a {size}-byte frame") from None
-        body = self.session.open(head, payload) if self.session is not None else payload
-        frame = decode(body)
-        self.last_heard = time.monotonic()
-        return body, frame
 
     async def recv(self) -> Frame | None:
         """The next frame, or None on a clean end of stream between frames."""

@@ -425,13 +425,14 @@ def test_cancel_right_after_the_plan_kills_every_program(tree: Tree) -> None:
 def test_a_child_with_a_malformed_subtree_is_dropped(tree: Tree) -> None:
     import asyncio
 
+    from gproc import wire
     from gproc.keys import load_key
     from gproc.protocol import Register
     from gproc.session import handshake
     from gproc.stream import Conn
 
     async def register() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", tree.launcher.settings.cmdport)
+        reader, writer = await wire.open_connection("127.0.0.1", tree.launcher.settings.cmdport)
         conn = Conn(reader, writer)
         await handshake(conn, load_key(tree.launcher.settings.key), dialer=True, role="slave")
         await conn.send(Register(9, "odd", "x:1", [{"id": 1, "state": "up"}]))  # type: ignore[list-item]
