@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 Sealed = tuple[tuple[bytes | memoryview, ...], bytes]  # a body's parts and its body_digest
+LARGE = 64 << 10  # a part this long is written on its own, not joined with its neighbours
 
 
 class Conn:
@@ -101,22 +102,34 @@ class Conn:
             self.writer.write(LENGTH.pack(len(body)) + body)
 
     def write_bodies(self, bodies: list[Sealed]) -> None:
-        """Several frames, each a (its body in parts, its body_digest), in one write.
+        """Several frames, each a (its body in parts, its body_digest), in as few writes as
+        keep large parts uncopied.
 
-        The parts are joined once per write, here: a chunk forwarded to many children is
-        never re-encoded, and its prefix and bytes stay separate until then.
+        Small parts (length words, prefixes, MACs, small bodies) are joined; a part of
+        :data:`LARGE` bytes or more (a data chunk) is handed to the transport as it is, which
+        sends it from there or keeps it, so a chunk forwarded to many children is not copied
+        once per child to be joined with its prefix.
         """
         if self.closed or self.writer.is_closing():
             raise ConnectionResetError("connection already closed")
-        out: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
         for parts, digest in bodies:
             size = sum(len(p) for p in parts)
             if self.session is not None:
                 head, mac = self.session.seal_parts(size, digest)
-                out += (head, *parts, mac)
+                framed: tuple[bytes | memoryview, ...] = (head, *parts, mac)
             else:
-                out += (LENGTH.pack(size), *parts)
-        self.writer.write(b"".join(out))  # one copy of the batch, one write
+                framed = (LENGTH.pack(size), *parts)
+            for part in framed:
+                if len(part) < LARGE:
+                    small.append(part)
+                    continue
+                if small:
+                    self.writer.write(b"".join(small))
+                    small = []
+                self.writer.write(part)
+        if small:
+            self.writer.write(b"".join(small))
 
     def write(self, frame: Frame) -> None:
         """Queue one frame without waiting for the socket (the caller drains when it must)."""

@@ -23,6 +23,8 @@ from conftest import Tree, free_port_block
 
 from gproc.protocol import LENGTH, MAC, Frame, JobHeader, decode, encode
 from gproc.session import Secrets, Session
+from gproc.stream import Conn
+from gproc.wire import Incomplete
 from harness.waiting import wait_until as wait_until  # re-exported for the attack tests
 
 T = TypeVar("T")
@@ -87,6 +89,31 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readexactly(4)
     (size,) = LENGTH.unpack(head)
     return head + await reader.readexactly(size)
+
+
+class Frames:
+    """A plain asyncio StreamReader read as gproc.stream.Conn reads a FrameReader, so a test
+    can read raw frames off a connection and then speak gproc on the same one."""
+
+    def __init__(self, reader: asyncio.StreamReader):
+        self.reader = reader
+
+    async def next(self, check: Callable[[int], None]) -> tuple[bytes, bytes]:
+        try:
+            head = await self.reader.readexactly(4)
+        except asyncio.IncompleteReadError as e:
+            raise Incomplete(len(e.partial)) from None
+        (size,) = LENGTH.unpack(head)
+        check(size)
+        try:
+            return head, await self.reader.readexactly(size)
+        except asyncio.IncompleteReadError as e:
+            raise Incomplete(4 + len(e.partial)) from None
+
+
+def conn_of(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: Any) -> Conn:
+    """A Conn over asyncio's own streams (see Frames)."""
+    return Conn(Frames(reader), writer, **kw)  # type: ignore[arg-type]
 
 
 def body_of(frame: bytes, sealed: bool) -> Frame | None:

@@ -23,6 +23,7 @@ from peers import (
     Relay,
     answers_all,
     body_of,
+    conn_of,
     local_job,
     log_of,
     read_frame,
@@ -164,7 +165,7 @@ def test_a_parent_with_the_key_does_run_the_job(tree: Tree, tmp_path: Path) -> N
     async def honest() -> FreshSlave:
         accepted: asyncio.Queue[Conn] = asyncio.Queue()
         server = await asyncio.start_server(
-            lambda r, w: accepted.put_nowait(Conn(r, w)), "127.0.0.1", port
+            lambda r, w: accepted.put_nowait(conn_of(r, w)), "127.0.0.1", port
         )
         slave = FreshSlave(tree, port, 3, tmp_path)
         try:
@@ -208,7 +209,7 @@ async def _fake_child(tree: Tree, target: int, strategy: str, slave_dir: Path) -
             await read_frame(up_r)
             injection = frame_bytes(Proof(os.urandom(32))) + frame_bytes(impostor)
         elif strategy == "wrong-key":
-            conn = Conn(up_r, up_w)
+            conn = conn_of(up_r, up_w)
             with pytest.raises(ConnectionError):  # refused before the target proves anything
                 await handshake(conn, os.urandom(32), dialer=True, role="slave")
             injection = frame_bytes(impostor)

@@ -10,6 +10,7 @@ import struct
 import msgpack
 import pytest
 from conftest import Tree
+from peers import conn_of
 
 from gproc.protocol import (
     MAX_FRAME,
@@ -27,7 +28,6 @@ from gproc.protocol import (
     frame_bytes,
 )
 from gproc.session import handshake
-from gproc.stream import Conn
 
 
 def run_job(tree: Tree) -> None:
@@ -53,7 +53,7 @@ def raw_exchange(port: int, payload: bytes, read: bool = True) -> bytes:
 def test_peer_without_the_key_is_refused(tree: Tree) -> None:
     async def attempt() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", master_port(tree))
-        conn = Conn(reader, writer)
+        conn = conn_of(reader, writer)
         try:
             await handshake(conn, os.urandom(32), dialer=True, role="slave")
         finally:
@@ -135,7 +135,7 @@ def test_hostile_manifest_is_refused_before_fanout(tree: Tree) -> None:
 
     async def send() -> Error:
         reader, writer = await asyncio.open_unix_connection(tree.uds)
-        conn = Conn(reader, writer, limit=MAX_FRAME)
+        conn = conn_of(reader, writer, limit=MAX_FRAME)
         await conn.send(header)
         reply = await conn.recv()
         await conn.close()

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 
 from conftest import Tree
+from peers import conn_of
 
 from gproc.keys import load_key
 from gproc.protocol import JobHeader, Register, Welcome
@@ -16,7 +17,7 @@ from gproc.stream import Conn, within
 async def child(tree: Tree, key: bytes) -> Conn:
     """A child holding the key, registered under the master as id 9, "extra"."""
     reader, writer = await asyncio.open_connection("127.0.0.1", tree.launcher.settings.cmdport)
-    conn = Conn(reader, writer)
+    conn = conn_of(reader, writer)
     await handshake(conn, key, dialer=True, role="slave")
     await conn.send(Register(9, "extra", "127.0.0.1:1", []))
     assert type(await within(conn.recv(), 10)) is Welcome
