@@ -153,6 +153,11 @@ class BlobCache:
                 self._index.move_to_end(blob)
         return True
 
+    def holds(self, digest: bytes) -> bool:
+        """Whether a blob of this digest is in the index (it may still prove changed)."""
+        with self._lock:
+            return self._blob(digest) in self._index
+
     def _intact(self, blob: str, fd: int, st: os.stat_result, digest: bytes) -> bool:
         """The blob open on ``fd`` still holds the bytes of its name (re-hashed if in doubt)."""
         stamp = _stamp(st)
