@@ -6,7 +6,8 @@ slave keeps the files it has received, named by their sha256, in a directory bes
 files it does not hold, every hop passes the union up, and the client sends only those; each
 hop then forwards a file only to the children that asked for it.
 
-Every job gets its own copy of a cached file; no job ever holds a link to a blob. Jobs run as
+Every job gets its own copy of a cached file, or (gproc.trees) a shared tree of copies under
+an overlay that takes its writes; no job ever holds a link to a blob. Jobs run as
 root, so permissions do not keep a job from writing a file it was given, and a job that
 rewrote its file in place and put the mtime back was, with hard links, changing the blob and
 so the bytes of every later job (and of any job running at the same time on the same inode,
