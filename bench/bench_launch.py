@@ -5,14 +5,19 @@
 Starts a local tree (real daemons on loopback), times ``gproc e ./. /bin/true`` end to end
 (client start, ELF closure, shipping, fan-out, exits) over several runs, next to the time
 this machine takes to fork and wait the same number of ``/bin/true`` in one process, and
-reports the resident memory of an idle slave and of the master. Goals: launch within 10x of
-the fork baseline; an idle slave under 30 MB.
+reports the resident memory of an idle slave and of the master, the CPU each daemon and the
+client spend per launch, and the client's own start (imports and packing the program) with
+and without its closure cache. Goals: launch within 10x of the fork baseline; an idle slave
+under 30 MB.
+
+The tree and the client run the gproc of the checkout this file is in.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -21,7 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from gproc.deploy.local import LocalTree, Settings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gproc
+from gproc.deploy.daemons import with_gproc_on_path  # noqa: E402
+from gproc.deploy.local import LocalTree, Settings  # noqa: E402
+
+PACK = (
+    "import time; t = time.perf_counter(); from gproc.client import ExecOptions, build_job; "
+    "build_job(ExecOptions(spec='./.', argv=['/bin/true'])); print(time.perf_counter() - t)"
+)
 
 
 def free_base(count: int) -> int:
@@ -57,6 +69,26 @@ def cpu_ms(pid: int | None) -> float:
         return float("nan")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """User plus system CPU time of the children waited for so far, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def client_start(root: Path, warm: bool, runs: int = 5) -> list[float]:
+    """Seconds a fresh interpreter takes to import the client and pack /bin/true: with the
+    closure cache filled by an earlier run (``warm``), or with an empty one each time."""
+    times = []
+    for i in range(runs):
+        cache = root / ("xdg-warm" if warm else f"xdg-cold-{i}")
+        env = dict(with_gproc_on_path(os.environ), XDG_CACHE_HOME=str(cache))
+        if warm and i == 0:
+            subprocess.run([sys.executable, "-c", PACK], env=env, check=True, capture_output=True)
+        out = subprocess.run([sys.executable, "-c", PACK], env=env, check=True, capture_output=True)
+        times.append(float(out.stdout))
+    return times
 
 
 def spread(xs: list[float]) -> str:
@@ -102,15 +134,19 @@ def report(tree: LocalTree, settings: Settings, args: argparse.Namespace, root: 
         str(settings.key),
     ]
     cmd = [*gproc, "e", "./.", "/bin/true"]
-    subprocess.run(cmd, check=True, cwd=root)  # warm the page cache
+    env = with_gproc_on_path(os.environ)
+    subprocess.run(cmd, check=True, cwd=root, env=env)  # warm the page cache
     names = ["master", *(f"n{i}" for i in range(1, args.nodes + 1))]
     before = {n: cpu_ms(tree.pid(n)) for n in names}
+    client_before = children_cpu()
     launches = []
     for _ in range(args.runs):
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=root)
+        subprocess.run(cmd, check=True, cwd=root, env=env)
         launches.append(time.perf_counter() - t)
     spent = {n: (cpu_ms(tree.pid(n)) - before[n]) / args.runs for n in names}
+    client = (children_cpu() - client_before) * 1000 / args.runs
+    cold, warm = client_start(root, warm=False), client_start(root, warm=True)
     startup = []
     for _ in range(5):
         t = time.perf_counter()
@@ -139,6 +175,9 @@ def report(tree: LocalTree, settings: Settings, args: argparse.Namespace, root: 
         f"{statistics.mean(spent[n] for n in leaves):.1f} ms, all daemons "
         f"{sum(spent.values()):.0f} ms"
     )
+    print(f"client CPU per launch   {client:.1f} ms (gproc e: interpreter, packing, the job)")
+    print(f"client import + pack    {spread(cold)}   (no closure cache)")
+    print(f"  with the closure cache{spread(warm)}")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,11 @@ class Packer:
                 else:
                     self.add_dir(full, os.stat(full).st_mode)
 
+    def add_entries(self, entries: Iterable[Entry]) -> None:
+        """Entries packed before, in their order (a cached closure, see gproc.closures)."""
+        for entry in entries:
+            self._put(entry)
+
     def add_dir(self, path: str, mode: int = 0o755) -> None:
         self._put(Entry(_relative(os.path.abspath(path)), "d", stat.S_IMODE(mode) or 0o755))
 

@@ -6,7 +6,8 @@ beside binRoot (bounded in size, least recently used out first). When a job arri
 answers with the files it does not hold, every hop passes the union up, and the client sends
 only those; each hop then forwards a file only to the children that asked for it.
 
-Every job gets its own copy of a cached file; no job ever holds a link to a blob. Jobs run as
+Every job gets its own copy of a cached file, or (gproc.trees) a shared tree of copies under
+an overlay that takes its writes; no job ever holds a link to a blob. Jobs run as
 root, so permissions do not keep a job from writing a file it was given, and a job that
 rewrote its file in place and put the mtime back was, with hard links, changing the blob and
 so the bytes of every later job (and of any job running at the same time on the same inode,
@@ -153,6 +154,11 @@ class BlobCache:
             if blob in self._index:
                 self._index.move_to_end(blob)
         return True
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether a blob of this digest is in the index (it may still prove changed)."""
+        with self._lock:
+            return self._blob(digest) in self._index
 
     def _intact(self, blob: str, fd: int, st: os.stat_result, digest: bytes) -> bool:
         """The blob open on ``fd`` still holds the bytes of its name (re-hashed if in doubt)."""

@@ -103,7 +103,7 @@ def exported_env(export: str, environ: dict[str, str] | None = None) -> dict[str
 
 def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
     """The job header and the packed files, from the user's command line."""
-    from gproc import elf
+    from gproc import closures, elf
 
     if opts.spec or not opts.only:
         nodespec.parse(opts.spec)  # fail on a bad spec before any work
@@ -135,14 +135,13 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
     elif not opts.localbin:
         prog = elf.find_program(opts.argv[0], opts.root)
         header.prog = prog
-        if elf.is_elf(elf.resolve_in_root(opts.root, prog)):
-            found = elf.closure(prog, opts.root, opts.libpath, opts.skip_missing)
-            for obj in found.objects:
-                packer.add_object(opts.root, obj)
+        packed = closures.pack(prog, opts.root, opts.libpath, opts.skip_missing)
+        if packed is not None:
+            packer.add_entries(packed.entries)
             header.mode = "env" if opts.ldenv else "loader"
-            header.interp = found.interp or ""
-            header.libdirs = list(found.libdirs)
-            header.argv0 = _loader_takes_argv0(opts.root, found.interp)
+            header.interp = packed.interp
+            header.libdirs = packed.libdirs
+            header.argv0 = packed.argv0
         else:
             packer.add_object(opts.root, prog)
             header.mode = "direct"
@@ -155,16 +154,6 @@ def build_job(opts: ExecOptions) -> tuple[JobHeader, list[Entry]]:
     header.manifest = [e.wire() for e in manifest]
     header.total = total_size(manifest)
     return header, manifest
-
-
-def _loader_takes_argv0(root: str, interp: str | None) -> bool:
-    """glibc's loader learned --argv0 in 2.33; look for the option in the shipped loader."""
-    if not interp:
-        return False
-    from gproc.elf import resolve_in_root
-
-    with open(resolve_in_root(root, interp), "rb") as f:
-        return b"--argv0" in f.read()
 
 
 class BlockingConn:

@@ -8,6 +8,7 @@ other than "/" (a chroot or container image) never leaks host files into the clo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import functools
@@ -16,17 +17,15 @@ import posixpath
 import re
 import stat
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
-
-from elftools.common.exceptions import ELFError
-from elftools.common.utils import parse_cstring_from_stream, struct_parse
-from elftools.construct import ConstructError
-from elftools.construct.lib.container import Container
-from elftools.elf.structs import ELFStructs
+from typing import TYPE_CHECKING, BinaryIO
 
 from gproc.errors import GprocError
+
+if TYPE_CHECKING:  # pyelftools is imported where headers are read: a cached closure
+    from elftools.construct.lib.container import Container  # (gproc.closures) needs none
+    from elftools.elf.structs import ELFStructs
 
 
 class ClosureError(GprocError):
@@ -73,6 +72,40 @@ _NSS_DEFAULT_SERVICES = ("files", "dns")  # what glibc uses when nsswitch.conf i
 # --- paths inside a root ---------------------------------------------------------------
 
 
+# --- what a closure was read from ----------------------------------------------------------
+
+Stamp = tuple[int, int, int, int, int, int]  # dev, ino, mode, size, mtime_ns, ctime_ns
+_seen: dict[str, Stamp | None] | None = None  # set while recording()
+
+
+def stamp(host_path: str) -> Stamp | None:
+    """What lstat says of a path, None when it is absent: any change to the file (its bytes,
+    its name's target, the entries of a directory) moves its ctime, which cannot be set back."""
+    try:
+        st = os.lstat(host_path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _look(host_path: str) -> None:
+    """Note a path the answer depends on, as it is before it is read."""
+    if _seen is not None and host_path not in _seen:
+        _seen[host_path] = stamp(host_path)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, Stamp | None]]:
+    """Every path looked at meanwhile (lstat, open, list, probe), with its stamp: while they
+    all stamp the same, so does the answer (gproc.closures keeps it on that condition)."""
+    global _seen
+    _seen = seen = {}
+    try:
+        yield seen
+    finally:
+        _seen = None
+
+
 def _host(root: str, path: str) -> str:
     """Host path of root-relative absolute `path` (root already normalised)."""
     return path if root == "/" else root + path
@@ -106,6 +139,7 @@ def _resolve(root: str, path: str) -> str:
             resolved = resolved.rpartition("/")[0]
             continue
         candidate = f"{resolved}/{part}"
+        _look(_host(root, candidate))
         try:
             mode = os.lstat(_host(root, candidate)).st_mode
         except OSError:
@@ -153,6 +187,7 @@ def _kind(host_path: str) -> _Kind | None:
 
     Reading the raw header is much cheaper than building an ELFFile, and the library search
     checks many candidates."""
+    _look(host_path)
     try:
         with open(host_path, "rb") as f:
             return _parse_kind(f.read(20))
@@ -190,6 +225,11 @@ def _read_dynamic(host_path: str, shown: str) -> _Dynamic:
     table, milliseconds per library paid at every launch.  The dynamic table's own DT_STRTAB,
     mapped through the PT_LOAD headers, is all ld.so itself uses.
     """
+    from elftools.common.exceptions import ELFError
+    from elftools.common.utils import struct_parse
+    from elftools.construct import ConstructError
+
+    _look(host_path)
     try:
         with open(host_path, "rb") as f:
             kind = _parse_kind(f.read(20))
@@ -213,6 +253,8 @@ def _read_dynamic(host_path: str, shown: str) -> _Dynamic:
 
 def _structs(f: BinaryIO, kind: _Kind) -> tuple[ELFStructs, Container]:
     """Struct layouts for the file and its parsed ELF header."""
+    from elftools.common.utils import struct_parse
+
     ehdr = struct_parse(_basic_structs(kind).Elf_Ehdr, f, 0)
     key = (ehdr["e_type"], ehdr["e_machine"], ehdr["e_ident"]["EI_OSABI"])
     return _advanced_structs(kind, *key), ehdr
@@ -221,6 +263,8 @@ def _structs(f: BinaryIO, kind: _Kind) -> tuple[ELFStructs, Container]:
 @functools.cache
 def _basic_structs(kind: _Kind) -> ELFStructs:
     """Cached, like _advanced_structs: building layouts costs more than parsing with them."""
+    from elftools.elf.structs import ELFStructs
+
     structs = ELFStructs(little_endian=kind[1] == 1, elfclass=64 if kind[0] == _ELFCLASS64 else 32)
     structs.create_basic_structs()
     return structs
@@ -228,6 +272,8 @@ def _basic_structs(kind: _Kind) -> ELFStructs:
 
 @functools.cache
 def _advanced_structs(kind: _Kind, e_type: str, e_machine: str, osabi: str) -> ELFStructs:
+    from elftools.elf.structs import ELFStructs
+
     structs = ELFStructs(little_endian=kind[1] == 1, elfclass=64 if kind[0] == _ELFCLASS64 else 32)
     structs.create_basic_structs()
     structs.create_advanced_structs(e_type, e_machine, osabi)
@@ -236,6 +282,8 @@ def _advanced_structs(kind: _Kind, e_type: str, e_machine: str, osabi: str) -> E
 
 def _phnum(structs: ELFStructs, f: BinaryIO, ehdr: Container) -> int:
     """Number of program headers; PN_XNUM means it is in section 0's sh_info."""
+    from elftools.common.utils import struct_parse
+
     if ehdr["e_phnum"] != _PN_XNUM:
         return ehdr["e_phnum"]
     return struct_parse(structs.Elf_Shdr, f, ehdr["e_shoff"])["sh_info"]
@@ -245,6 +293,8 @@ def _read_tags(
     structs: ELFStructs, f: BinaryIO, dynamic: Container, headers: list[Container], dyn: _Dynamic
 ) -> None:
     """Fill `dyn` from the PT_DYNAMIC segment `dynamic`."""
+    from elftools.common.utils import struct_parse
+
     size = structs.Elf_Dyn.sizeof()
     tags: list[tuple[str, int]] = []
     for n in range(dynamic["p_filesz"] // size):
@@ -275,6 +325,8 @@ def _file_offset(address: int, headers: list[Container]) -> int | None:
 
 def _string(f: BinaryIO, offset: int) -> str:
     """NUL-terminated string; undecodable bytes survive as surrogates, like os paths."""
+    from elftools.common.utils import parse_cstring_from_stream
+
     return (parse_cstring_from_stream(f, offset) or b"").decode("utf-8", "surrogateescape")
 
 
@@ -293,7 +345,9 @@ _STRING_TAGS = {
 def _read_text(root: str, path: str) -> str | None:
     """Contents of a root-relative text file, None when absent or unreadable."""
     try:
-        with open(resolve_in_root(root, path), encoding="utf-8", errors="replace") as f:
+        host = resolve_in_root(root, path)
+        _look(host)
+        with open(host, encoding="utf-8", errors="replace") as f:
             return f.read()
     except OSError:
         return None
@@ -301,7 +355,9 @@ def _read_text(root: str, path: str) -> str | None:
 
 def _listdir(root: str, path: str) -> list[str]:
     try:
-        return os.listdir(resolve_in_root(root, path))
+        host = resolve_in_root(root, path)
+        _look(host)
+        return os.listdir(host)
     except OSError:
         return []
 
@@ -461,7 +517,11 @@ class _Search:
         """(path as found, resolved path) of the first acceptable `name` in `dirs`."""
         for d in dirs:
             resolved = self._dir(d)
-            if resolved is None or not os.path.lexists(_host(self.root, f"{resolved}/{name}")):
+            if resolved is None:
+                continue
+            probe = _host(self.root, f"{resolved}/{name}")
+            _look(probe)
+            if not os.path.lexists(probe):
                 continue
             found = f"{_clean_dir(d, resolved)}/{name}"
             real = self.accepts(found)
@@ -629,3 +689,13 @@ def _add_glibc_dlopens(builder: _Builder) -> None:
         if name not in builder.by_name:
             builder.need(name, libc, optional=True)
     builder.walk()
+
+
+def loader_takes_argv0(root: str, interp: str | None) -> bool:
+    """glibc's loader learned --argv0 in 2.33; look for the option in the shipped loader."""
+    if not interp:
+        return False
+    host = resolve_in_root(root, interp)
+    _look(host)
+    with open(host, "rb") as f:
+        return b"--argv0" in f.read()

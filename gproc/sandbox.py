@@ -61,6 +61,8 @@ class Launch:
     env: dict[str, str]
     cwd: str
     bind: tuple[str, str] | None = None  # (staging dir, binRoot) for a private mount
+    lower: str | None = None  # a shared tree (gproc.trees): bind is then an overlay's upper
+    work: str | None = None  # the overlay's work directory, beside the upper one
     user: RunAs | None = None  # drop to this user after the mount (the daemon is root)
     stdin: bool = False  # a pipe for the client's standard input, else /dev/null
 
@@ -79,8 +81,15 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
-def enter_private_root(stage: str, bin_root: str) -> None:
-    """In the forked child: own mount namespace with ``stage`` mounted over ``bin_root``."""
+def enter_private_root(
+    stage: str, bin_root: str, lower: str | None = None, work: str | None = None
+) -> None:
+    """In the forked child: own mount namespace with ``stage`` mounted over ``bin_root``.
+
+    With ``lower`` (a shared tree of the job's files) and ``work``, an overlay: the job sees
+    the tree with ``stage`` over it, and whatever it writes lands in ``stage``, never in the
+    tree.
+    """
     if os.geteuid() == 0:
         _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     else:
@@ -90,6 +99,13 @@ def enter_private_root(stage: str, bin_root: str) -> None:
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    if lower is not None and work is not None:
+        options = f"lowerdir={lower},upperdir={stage},workdir={work}".encode()
+        _check(
+            _libc.mount(b"overlay", bin_root.encode(), b"overlay", 0, options),
+            f"overlay {stage} over {bin_root}",
+        )
+        return
     _check(
         _libc.mount(stage.encode(), bin_root.encode(), None, MS_BIND | MS_REC, None),
         f"bind {stage} over {bin_root}",
@@ -102,7 +118,7 @@ def _child_setup(launch: Launch) -> None:
     The parent-death signal is asked for after the drop, because changing the user clears it.
     """
     if launch.bind is not None:
-        enter_private_root(*launch.bind)
+        enter_private_root(*launch.bind, launch.lower, launch.work)
     if launch.user is not None:
         drop_to(launch.user)
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")

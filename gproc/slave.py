@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from gproc import copying, nodespec, pidfile, sandbox, users, wire
+from gproc import copying, nodespec, pidfile, sandbox, trees, users, wire
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -50,6 +50,7 @@ from gproc.protocol import (
 from gproc.relay import DOWN_WINDOW, UP_WINDOW, Hop, Job, LocalRunner
 from gproc.session import handshake
 from gproc.stream import HEARTBEAT, Conn, Window, charge, keep_alive, within
+from gproc.trees import SharedTree, TreeStore
 
 log = logging.getLogger("gproc.slave")
 
@@ -145,6 +146,10 @@ class NodeRun(LocalRunner):
     Every step that touches the disk (checking the manifest, making the staging tree, copying
     cached files, writing chunks, removing the staging tree) runs in a worker thread, so the
     daemon keeps relaying and answering heartbeats while a large job unpacks.
+
+    A private job whose files are all cached (the same program run again) gets no copies: a
+    shared tree of them (gproc.trees) is its overlay's lower layer, its empty staging
+    directory the upper one.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class NodeRun(LocalRunner):
         header: JobHeader,
         problem: str | None = None,
         cache: BlobCache | None = None,
+        shared: TreeStore | None = None,
     ):
         self.node = node
         self.header = header
@@ -166,6 +172,9 @@ class NodeRun(LocalRunner):
         self.files_root = os.path.join(node.stage_root, self.jid) if self.private else node.bin_root
         self.cache = cache
         self.unpacker: Unpacker | None = None
+        self.trees = shared
+        self.shared: SharedTree | None = None  # the lower layer this job mounts, if any
+        self.work = self.files_root + ".work"  # the overlay's work directory, beside staging
         self.prepared: asyncio.Task[frozenset[int]] | None = None
         self.needed: frozenset[int] = frozenset()
         self.writing: asyncio.Future[None] | None = None
@@ -243,8 +252,11 @@ class NodeRun(LocalRunner):
         self.needed = frozenset(self.unpacker.needed)
         return self.needed
 
-    def _unpacker(self) -> Unpacker:
-        """Check who runs the job and what it ships, then make what needs no bytes."""
+    def _unpacker(self) -> Unpacker | None:
+        """Check who runs the job and what it ships, then make what needs no bytes.
+
+        None when a shared tree holds every file: only the overlay's directories are made.
+        """
         h = self.header
         self.user = users.resolve(h.user, h.uid, h.gid, self.node.name)
         if self.user.switches and not self.private:
@@ -253,8 +265,32 @@ class NodeRun(LocalRunner):
                 "by root only root's jobs may use it; drop -p=false"
             )
         entries = check_manifest(h.manifest, h.total)
+        if self._may_share():
+            assert self.trees is not None
+            self.shared = self.trees.take(entries, self.user if self.user.switches else None)
+            if self.shared is not None:
+                self._make_layers()
+                return None
         mode = 0o700 if self.private else 0o755  # a job's own staging, or binRoot itself
         return Unpacker(Path(self.files_root), entries, self.jid, self.cache, root_mode=mode)
+
+    def _may_share(self) -> bool:
+        """A private run (not gproc cp) on a root daemon, with paths an overlay can name."""
+        return (
+            self.trees is not None
+            and self.private
+            and self.header.mode != "copy"
+            and trees.usable(self.node.bin_root, self.files_root, self.work, self.trees.path)
+        )
+
+    def _make_layers(self) -> None:
+        """The overlay's upper directory (the job's staging: its user's, 0700) and its work
+        directory (root's), both empty, both beside binRoot."""
+        assert self.user is not None
+        os.mkdir(self.files_root, 0o700)
+        os.mkdir(self.work, 0o700)
+        if self.user.switches:
+            os.chown(self.files_root, self.user.uid, self.user.gid)
 
     async def needs(self) -> frozenset[int]:
         assert self.prepared is not None
@@ -349,10 +385,12 @@ class NodeRun(LocalRunner):
             env=program_env(self.header, root, self.node.name, self.jid, user),
             cwd="/" if copy else root + self.header.cwd,
             bind=(self.files_root, root) if self.private and not copy else None,
+            lower=self.shared.path if self.shared is not None else None,
+            work=self.work if self.shared is not None else None,
             user=user if user.switches else None,
             stdin=self.header.stdin,
         )
-        if self.private and user.switches:
+        if self.private and user.switches and self.shared is None:
             await asyncio.to_thread(users.give_tree, self.files_root, user)
         if self.killed:
             return EXIT_KILLED
@@ -414,6 +452,10 @@ class NodeRun(LocalRunner):
             unpacker.abort()
         if self.private:
             shutil.rmtree(self.files_root, ignore_errors=True)
+        shared, self.shared = self.shared, None
+        if shared is not None and self.trees is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.trees.give_back(shared)
 
     async def kill(self) -> None:
         self.killed = True
@@ -564,6 +606,7 @@ class Slave:
         self.hop = Hop(node.name, node_id, key, self._tree_changed, heartbeat)
         self.up: Conn | None = None
         self.cache: BlobCache | None = None
+        self.trees: TreeStore | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.inflows: dict[str, Inflow] = {}
 
@@ -579,6 +622,9 @@ class Slave:
         if self.node.cache_bytes > 0:
             root, size = Path(self.node.cache_root), self.node.cache_bytes
             self.cache = await asyncio.to_thread(BlobCache, root, size)
+            if os.geteuid() == 0:  # an overlay needs root (in a user namespace, a new kernel)
+                where = root / "trees"
+                self.trees = await asyncio.to_thread(TreeStore, where, self.cache)
         await self.hop.serve(*self.listen)
         log.info("%s: serving children on %s:%d", self.node.name, *self.listen)
         if self.pid_file:
@@ -724,7 +770,7 @@ class Slave:
         except nodespec.SpecError as e:
             spec, problem = (), f"bad job header: {e}"
         runs_here = not header.only or self.node.name in header.only  # else: relay only
-        run = NodeRun(self.node, header, problem, self.cache) if runs_here else None
+        run = NodeRun(self.node, header, problem, self.cache, self.trees) if runs_here else None
         job = self.hop.new_job(header, conn, run, header.job, Window(UP_WINDOW))
         if run is not None:
             run.attach(job)

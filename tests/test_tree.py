@@ -133,7 +133,9 @@ def leftovers(tree: Tree) -> list[str]:
 
 
 def cached_names(tree: Tree) -> set[str]:
-    return {p.name for p in tree.bin_root.glob("*.cache/*")}
+    """Names in the nodes' caches: blobs, and the shared trees (gproc.trees) in ``trees``."""
+    blobs = {p.name for p in tree.bin_root.glob("*.cache/*") if p.name != "trees"}
+    return blobs | {p.name for p in tree.bin_root.glob("*.cache/trees/*")}
 
 
 @pytest.mark.skipif(not is_root, reason="private mounts as tested here need root (CI runs as root)")
@@ -153,7 +155,7 @@ def test_private_mount_leaves_nothing(tree: Tree) -> None:
     assert r.returncode == 0, r.stderr
     assert all(lines == ["pfiles", "written-by-job"] for lines in labelled(r.stdout).values())
     assert leftovers(tree) == []
-    assert all(len(name) == 64 for name in cached_names(tree)), "only content hashes are kept"
+    assert all(len(name) == 64 for name in cached_names(tree)), "only hashes: of blobs, of trees"
 
 
 def test_without_private_mount_files_stay(own_tree: Tree) -> None:
