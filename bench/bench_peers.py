@@ -180,6 +180,7 @@ def slurm_conf(cluster: Cluster, cpus: int) -> str:
         "MinJobAge=10",
         "KillWait=5",
         "InactiveLimit=0",
+        "MailProg=/bin/true",  # none here; the default path does not exist
     ]
     lines += [f"NodeName={n.name} NodeAddr={n.address} CPUs={cpus}" for n in plan.nodes]
     lines.append("PartitionName=all Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
@@ -429,13 +430,13 @@ def measure(cluster: Cluster, runs: int, mib: int) -> list[Row]:
 def table(rows: list[Row], mib: int) -> str:
     """One line per row: tool, what, median/min/max, front-end bytes, ratio to gproc."""
     by_tool = {r.tool: r for r in rows}
-    head = f"{'tool':14} {'what':28} {'median':>8} {'min':>8} {'max':>8}  {'fe sent':>8}  ratio"
+    head = f"{'tool':14} {'what':30} {'median':>8} {'min':>8} {'max':>8}  {'fe sent':>8}  ratio"
     lines = [head, "-" * len(head)]
     for r in rows:
         sent = f"{statistics.median(r.sent) / (mib * MIB):7.2f}x" if r.sent else f"{'-':>8}"
         ratio = f"{r.median() / by_tool[r.ref].median():6.1f}x" if r.ref else "     -"
         cells = " ".join(f"{v:7.2f}s" for v in (r.median(), min(r.times), max(r.times)))
-        lines.append(f"{r.tool:14} {r.what:28} {cells}  {sent}  {ratio}")
+        lines.append(f"{r.tool:14} {r.what:30} {cells}  {sent}  {ratio}")
     return "\n".join(lines)
 
 
