@@ -485,6 +485,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=7, help="timed runs per tool (default 7)")
     p.add_argument("--mib", type=int, default=32, help="size of the file shipped (MiB)")
     args = p.parse_args()
+    if args.runs < 1 or args.mib < 1:
+        p.error("--runs and --mib must be at least 1")
     cluster = Cluster("gproc")
     rows: list[Row] = []
     checks: dict[str, str | None] = {}
@@ -502,6 +504,9 @@ def main() -> int:
     except (BenchError, HarnessError) as error:
         print(f"bench_peers: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench_peers: interrupted; Slurm and munge were stopped", file=sys.stderr)
+        return 130
     report(rows, checks, args.mib, args.runs)
     failed = [t for t, problem in checks.items() if problem is not None]
     if failed:
