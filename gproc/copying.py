@@ -2,10 +2,12 @@
 
 ``cp`` is a job whose program places files: the sources travel as a job's files do (through
 the tree, cached by content on the nodes, into the job's staging directory), then, on each
-node, as the job's user, a small placement program writes each one at the destination
-under a temporary name and renames it into place, keeping its mode, so nobody ever sees a
-half-written file. Like ``cp``, a destination that is a directory (or ends in ``/``, or
-gets several sources) receives the sources by their names.
+node, as the job's user, a small placement program moves each one from a private job's
+staging (its own copy, removed with the job otherwise) into place when both are on one file
+system, and elsewhere writes it at the destination under a temporary name and renames it
+into place, keeping its mode, so nobody ever sees a half-written file. Like ``cp``, a
+destination that is a directory (or ends in ``/``, or gets several sources) receives the
+sources by their names.
 
 ``rcp`` is a job that runs the node's own ``tar`` on the source; each node's output is
 spooled to a file on the front-end and unpacked, once that node has exited 0, into
@@ -26,9 +28,9 @@ from gproc.output import Printer
 
 # Run on each node as ``python3 -I -c PLACE STAGE DEST SOURCE...``, as the job's user.
 PLACE = r"""
-import os, secrets, shutil, stat, sys
+import errno, os, secrets, shutil, stat, sys
 
-stage, dest, sources = sys.argv[1], sys.argv[2], sys.argv[3:]
+how, stage, dest, sources = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 into = dest.endswith("/") or os.path.isdir(dest) or len(sources) > 1
 if into and not os.path.isdir(dest):
     sys.exit(f"gproc cp: {dest} is not a directory")
@@ -41,6 +43,16 @@ def temporary(target):
 
 def put_file(src, target, mode):
     global files, size
+    if how == "move":  # the staged file is this job's own copy, complete: moved, not copied
+        try:
+            os.chmod(src, mode)
+            os.replace(src, target)
+            files += 1
+            size += os.path.getsize(target)
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
     tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(temporary(target)))
     with open(src, "rb") as data:
         fd = os.open(tmp, NEW, 0o600)

@@ -101,9 +101,12 @@ def program_argv(header: JobHeader, root: str) -> list[str]:
     return [prog, *argv[1:]]
 
 
-def placement(stage: str, header: JobHeader, switches: bool = False) -> list[str]:
+def placement(
+    stage: str, header: JobHeader, switches: bool = False, move: bool = False
+) -> list[str]:
     """gproc cp: this daemon's Python runs the placement program (gproc.copying) on the
-    staged sources; ``argv`` is the destination, then the sources' absolute paths.
+    staged sources; ``argv`` is the destination, then the sources' absolute paths. ``move``:
+    the staging is the job's own (private), so its files may be moved into place.
 
     The program runs as the job's user: when that is not the daemon's user and the daemon's
     Python is not for everyone (a virtualenv in root's home), the node's ``python3`` runs it
@@ -111,7 +114,8 @@ def placement(stage: str, header: JobHeader, switches: bool = False) -> list[str
     python = sys.executable
     if switches and not _for_everyone(python):
         python = shutil.which("python3", path=users.DEFAULT_PATH) or python
-    return [python, "-I", "-c", copying.PLACE, stage, *header.argv]
+    how = "move" if move else "copy"
+    return [python, "-I", "-c", copying.PLACE, how, stage, *header.argv]
 
 
 def _for_everyone(program: str) -> bool:
@@ -377,7 +381,7 @@ class NodeRun(LocalRunner):
         assert user is not None  # resolved before anything was unpacked
         copy = self.header.mode == "copy"  # gproc cp: place the staged files, as the user
         if copy:
-            argv = placement(self.files_root, self.header, user.switches)
+            argv = placement(self.files_root, self.header, user.switches, move=self.private)
         else:
             argv = program_argv(self.header, root)
         launch = sandbox.Launch(

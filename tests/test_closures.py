@@ -4,7 +4,6 @@ file another user could have written makes the client work the answer out again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import msgpack
 import pytest
 
 from gproc import closures, elf
+from gproc.digest import digest_bytes
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_a_changed_library_is_hashed_again(root: str, cache: str) -> None:
     lib = Path(root, path)
     with open(lib, "ab") as f:
         f.write(b"\0")
-    assert libc(packed(root, cache)) == (path, hashlib.sha256(lib.read_bytes()).hexdigest())
+    assert libc(packed(root, cache)) == (path, digest_bytes(lib.read_bytes()).hex())
 
 
 def test_a_library_rewritten_with_its_times_put_back_is_hashed_again(root: str, cache: str) -> None:
@@ -77,7 +77,7 @@ def test_a_library_rewritten_with_its_times_put_back_is_hashed_again(root: str, 
     data[-1] ^= 0xFF
     lib.write_bytes(bytes(data))
     os.utime(lib, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert libc(packed(root, cache))[1] == hashlib.sha256(data).hexdigest()
+    assert libc(packed(root, cache))[1] == digest_bytes(data).hex()
 
 
 def test_a_library_put_earlier_in_the_search_is_found(root: str, cache: str) -> None:

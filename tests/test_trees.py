@@ -4,7 +4,6 @@ job mounts them."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from test_cache import rewrite_in_place
 
 from gproc.bundle import check_manifest
 from gproc.cache import BlobCache
+from gproc.digest import digest_bytes
 from gproc.trees import TreeStore
 from gproc.users import RunAs
 
@@ -26,14 +26,13 @@ def store(tmp_path: Path) -> TreeStore:
     for data in FILES.values():
         src = tmp_path / "src"
         src.write_bytes(data)
-        cache.add(str(src), hashlib.sha256(data).digest())
+        cache.add(str(src), digest_bytes(data))
     return TreeStore(tmp_path / "cache" / "trees", cache, keep=1)
 
 
 def entries() -> list:
     raw = [
-        {"p": p, "k": "f", "m": 0o755, "s": len(d), "h": hashlib.sha256(d).digest()}
-        for p, d in FILES.items()
+        {"p": p, "k": "f", "m": 0o755, "s": len(d), "h": digest_bytes(d)} for p, d in FILES.items()
     ]
     return check_manifest(raw, sum(len(d) for d in FILES.values()))
 
