@@ -387,10 +387,14 @@ def verify_and_clean(cluster: Cluster, tool: str, copy: Copy, digest: str, size:
     plan = cluster.require_plan()
     names = [n.name for n in plan.nodes]
     wanted = names[:20] if copy.nodes == "rack" else names
-    held = f"{CACHE}/{digest}" if copy.in_cache else DEST
-    check = f"stat -c %s {held} && sha256sum {held}; rm -f {DEST} {CACHE}/{digest}"
+    # gproc names a cached blob by its own digest (gproc/digest.py), not the file's sha256:
+    # the blob is found by its sha256 among the cache's few files
+    blob = f"$(sha256sum {CACHE}/* 2>/dev/null | awk '$1 == \"{digest}\" {{print $2; exit}}')"
+    held = blob if copy.in_cache else DEST
+    # every gproc copy also leaves a blob in the node cache (in RAM on the harness): removed
+    check = f'f="{held}"; stat -c %s "$f" && sha256sum "$f"; rm -f {DEST} "{blob}"'
     results = cluster.on_nodes(["sh", "-c", check], names)
-    front(cluster, f"rm -f {CACHE}/{digest}")
+    front(cluster, f'rm -f "{blob}"')
     bad = [
         n for n in wanted if results[n].lines()[:1] != [str(size)] or digest not in results[n].out
     ]

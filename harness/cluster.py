@@ -51,6 +51,7 @@ PIDFILE, LOGFILE = "/run/gproc.pid", "/var/log/gproc.log"
 DEFAULT_NAME = "gproc"
 POOL = int(os.environ.get("GPROC_HARNESS_POOL", "16"))
 READY_TIMEOUT = float(os.environ.get("GPROC_HARNESS_TIMEOUT", "120"))
+NODE_CACHE_MB = 128  # -cacheMB of the node daemons (see daemon_argv)
 # The pid file names a gproc daemon only if that pid's command line says so: a pid can be
 # reused, and killing the container's `sleep` would stop the whole node.
 _IS_DAEMON = f"p=$(cat {PIDFILE} 2>/dev/null) && grep -q gproc /proc/$p/cmdline 2>/dev/null"
@@ -385,6 +386,9 @@ class Cluster:
         argv = ["gproc", "-locale", plan.daemon_locale(), "-key", KEY, "-debug", "1", mode]
         if mode == "m":  # a shared tree, as on KANE: every user of the front-end may use it
             argv[-1:-1] = ["-allow", "all"]
+        else:  # the node cache lives in the container's /tmp, in RAM: 80 nodes with the
+            # default 512 MB each could hold more than the whole host has
+            argv[-1:-1] = ["-cacheMB", str(NODE_CACHE_MB)]
         return argv
 
     def start_daemon(self, host: str, mode: str = "s") -> None:
