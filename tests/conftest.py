@@ -126,7 +126,7 @@ def start_tree(
         reconnect=reconnect,
     )
     started = launcher(settings, state=root / "state")
-    started.up(1, nodes, timeout=30, say=lambda _msg: None)
+    started.up(1, nodes, timeout=90, say=lambda _msg: None)  # a deadline: loaded CI is slow
     return Tree(started, root, nodes)
 
 
