@@ -132,7 +132,7 @@ class Packer:
         if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{host} is not a regular file, directory or symlink; cannot ship it")
         self._put(
-            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, digest_file(host)[0], src=host)
+            Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_size, digest_file(host), src=host)
         )
 
     def _put(self, entry: Entry) -> None:

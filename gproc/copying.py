@@ -26,7 +26,8 @@ from pathlib import Path
 from gproc.errors import GprocError
 from gproc.output import Printer
 
-# Run on each node as ``python3 -I -c PLACE STAGE DEST SOURCE...``, as the job's user.
+# Run on each node as ``python3 -I -c PLACE HOW STAGE DEST SOURCE...``, as the job's user;
+# HOW is "move" for a private job's staging (its own files), else "copy".
 PLACE = r"""
 import errno, os, secrets, shutil, stat, sys
 
@@ -41,18 +42,27 @@ def temporary(target):
     # A new name nobody can guess, created here: never a file or symlink put there first.
     return f"{target}.gproc-{secrets.token_hex(8)}"
 
+def moved(src, target, mode):
+    # The staged file is this job's own copy, complete: moved, not copied, where it can be.
+    if how != "move":
+        return False
+    try:
+        os.chmod(src, mode)
+        os.replace(src, target)
+        return True
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        return False
+
 def put_file(src, target, mode):
     global files, size
-    if how == "move":  # the staged file is this job's own copy, complete: moved, not copied
-        try:
-            os.chmod(src, mode)
-            os.replace(src, target)
-            files += 1
-            size += os.path.getsize(target)
-            return
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
+    if not moved(src, target, mode):
+        write_new(src, target, mode)
+    files += 1
+    size += os.path.getsize(target)
+
+def write_new(src, target, mode):
     tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(temporary(target)))
     with open(src, "rb") as data:
         fd = os.open(tmp, NEW, 0o600)
@@ -64,8 +74,6 @@ def put_file(src, target, mode):
         except BaseException:
             os.unlink(tmp)
             raise
-    files += 1
-    size += os.path.getsize(target)
 
 def put(src, target):
     st = os.stat(src)

@@ -72,24 +72,19 @@ class FileDigest:
 
 def digest_fd(fd: int) -> bytes:
     """The digest of an open file from offset 0, read a chunk at a time."""
-    return digest_and_chunks(fd)[0]
-
-
-def digest_and_chunks(fd: int) -> tuple[bytes, list[bytes]]:
-    """The digest of an open file and the sha256 of each of its chunks, in order."""
-    chunks: list[bytes] = []
+    d = FileDigest()
     offset = 0
     while block := os.pread(fd, CHUNK, offset):
-        chunks.append(chunk_digest(block))
+        d.add(block)
         offset += len(block)
-    return hashlib.sha256(b"".join(chunks)).digest(), chunks
+    return d.digest()
 
 
-def digest_file(path: str) -> tuple[bytes, list[bytes]]:
-    """The digest of a file and its chunk sha256s (the sender keeps these to send them)."""
+def digest_file(path: str) -> bytes:
+    """The digest of a file."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return digest_and_chunks(fd)
+        return digest_fd(fd)
     finally:
         os.close(fd)
 

@@ -361,10 +361,9 @@ def data_prefix_length(body: bytes | memoryview) -> int:
     """Bytes of ``body``'s prefix when it is a data frame's, else 0."""
     if not body or body[0] != DATA_MARK:
         return 0
-    length = 2 + body[1] + _DATA_INDEX.size + SIZE if len(body) > 1 else 0
-    if len(body) < length or not length:
+    if len(body) < 2 or len(body) < 2 + body[1] + _DATA_INDEX.size + SIZE:
         raise ProtocolError("data frame shorter than its header")
-    return length
+    return 2 + body[1] + _DATA_INDEX.size + SIZE
 
 
 def _data(body: bytes | memoryview) -> Data:

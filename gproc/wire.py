@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.streams
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-LENGTH = struct.Struct(">I")
+from gproc.protocol import LENGTH
+
 BUFFER = 256 << 10  # shared receive buffer for small frames
 SMALL = 64 << 10  # frames longer than this get their own buffer
 
