@@ -140,10 +140,21 @@ def as_user(
     user: User, place: Place, *argv: str, env: dict[str, str] | None = None, popen: bool = False
 ) -> subprocess.CompletedProcess | subprocess.Popen:
     """``gproc ARGV`` run by ``user`` (uid, gid and groups as a login would give them)."""
-    code = (
-        f"import sys; sys.path.insert(0, {str(place.site)!r}); "
-        "from gproc.cli import main; sys.exit(main())"
-    )
+    main = "from gproc.cli import main; sys.exit(main())"
+    return python_as(user, place, main, *argv, env=env, popen=popen)
+
+
+def python_as(
+    user: User,
+    place: Place,
+    code: str,
+    *argv: str,
+    env: dict[str, str] | None = None,
+    popen: bool = False,
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Python ``code`` (with ``sys`` imported and the copied site first on the path) run by
+    ``user`` with ``argv``, as :func:`as_user` runs gproc."""
+    code = f"import sys; sys.path.insert(0, {str(place.site)!r})\n{code}"
     kw = dict(
         user=user.uid,
         group=user.gid,
@@ -208,7 +219,7 @@ def test_a_client_that_claims_to_be_root_still_runs_as_itself(
     """The header's user fields are the master's to fill: a lie in them is overwritten."""
     a = users[0]
     code = (
-        f"import sys; sys.path.insert(0, {str(place.site)!r}); import gproc.client as c; "
+        "import gproc.client as c\n"
         "real = c.build_job\n"
         "def lying(opts):\n"
         "    header, manifest = real(opts)\n"
@@ -217,15 +228,7 @@ def test_a_client_that_claims_to_be_root_still_runs_as_itself(
         "c.build_job = lying\n"
         "from gproc.cli import main; sys.exit(main())"
     )
-    r = subprocess.run(
-        [place.python, "-s", "-c", code, *shared.switches()] + ["e", "./.", "/usr/bin/id", "-u"],
-        user=a.uid,
-        group=a.gid,
-        cwd=a.home,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = python_as(a, place, code, *shared.switches(), "e", "./.", "/usr/bin/id", "-u")
     assert r.returncode == 0, r.stderr
     assert lines_of(r.stdout) == {n: str(a.uid) for n in NODES}, r.stdout
 
@@ -478,14 +481,13 @@ def test_only_root_or_the_masters_user_may_drain_nodes(
     """A user may run jobs on a shared tree, not take its nodes out of service."""
     a = users[0]
     code = (
-        f"import sys; sys.path.insert(0, {str(place.site)!r}); from gproc import client\n"
+        "from gproc import client\n"
         "try:\n"
         f"    client.drain({shared.uds!r}, ['n1', 'n2'], True)\n"
         "except client.ClientError as e:\n"
         "    sys.exit(str(e))\n"
     )
-    r = subprocess.run([place.python, "-s", "-c", code], user=a.uid, group=a.gid, cwd=a.home,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = python_as(a, place, code)
     assert r.returncode == 1
     assert "only root or the master's own user may drain nodes" in r.stderr, r.stderr
     ran = shared.gproc("e", "./.", "/bin/true")
