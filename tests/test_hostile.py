@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import struct
+from pathlib import Path
 
 import msgpack
 import pytest
 from conftest import Tree
 from peers import conn_of
 
+from gproc.bundle import Entry
+from gproc.client import BlockingConn, ExecOptions, Sender, build_job
 from gproc.protocol import (
     MAX_FRAME,
     PREAUTH_MAX,
     VERSION,
     BadJob,
+    Done,
     Error,
+    Exit,
     Hello,
     JobHeader,
+    Need,
     Out,
     ProtocolError,
     Register,
+    data_prefix,
     decode,
     encode,
     frame_bytes,
@@ -191,3 +199,55 @@ def test_a_copy_whose_source_climbs_out_of_its_staging_is_refused() -> None:
                        [], False, True, [], 0)  # fmt: skip
     with pytest.raises(BadJob, match="copy source '/../../etc/shadow' is not a clean"):
         decode(encode(header))
+
+
+def _client_job(tree: Tree, ship: Path) -> tuple[BlockingConn, list[Entry], list[int]]:
+    """A client connection with a job shipping ``ship`` to every node, up to the master's
+    need (the entries the nodes lack)."""
+    header, manifest = build_job(ExecOptions(spec="./.", argv=["/bin/true"], files=[str(ship)]))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(tree.uds)
+    conn = BlockingConn(sock)
+    conn.send(header)
+    while (frame := conn.recv()) is not None and type(frame) is not Need:
+        pass
+    assert frame is not None, "the master answered the job with its need"
+    return conn, manifest, frame.files
+
+
+def test_a_client_cannot_cache_bytes_under_another_files_digest(tree: Tree, tmp_path: Path) -> None:
+    """The manifest names the digest of one file, the client sends another's bytes, each
+    chunk with its own true SHA-256 (so every hop takes the frames): every node refuses the
+    bundle, and nothing is cached under the digest claimed (each node builds a file's
+    digest from the chunks that came, gproc/digest.py)."""
+    good, evil = tmp_path / "good", tmp_path / "evil"
+    good.write_bytes(os.urandom(3 << 20))
+    evil.write_bytes(os.urandom(3 << 20))
+    conn, manifest, needed = _client_job(tree, good)
+    entry = next(e for e in manifest if e.src == str(good))
+    claimed = entry.sha256.hex()
+    entry.src = str(evil)  # the same size: only the bytes differ from what the manifest says
+    Sender(conn, manifest).start(needed)
+    refused = []
+    while (frame := conn.recv()) is not None and type(frame) is not Done:
+        if type(frame) is Exit:
+            refused.append(frame.status != 0)
+        elif type(frame) is Out:
+            assert b"do not match the manifest's sha256 digest" in frame.data, frame.data
+    conn.close()
+    assert refused == [True] * 8, "every node refused the bundle"
+    assert claimed not in {p.name for p in tree.bin_root.glob("*.cache/*")}
+    run_job(tree)
+
+
+def test_a_chunk_that_does_not_match_its_sha256_closes_the_client(tree: Tree) -> None:
+    """A data frame whose bytes were altered (its SHA-256 left as it was) is refused where
+    it arrives: the master drops that client and serves the next job."""
+    conn, manifest, needed = _client_job(tree, Path("/etc/hostname"))
+    data = b"x" * manifest[needed[0]].size
+    body = data_prefix("", needed[0], hashlib.sha256(b"y" * len(data)).digest()) + data
+    conn.sock.sendall(struct.pack(">I", len(body)) + body)
+    while (frame := conn.recv()) is not None:
+        assert type(frame) is not Exit, "no node ran the job"
+    conn.close()
+    run_job(tree)
