@@ -26,7 +26,7 @@ MODES = {
     "cp": "copy",
     "rcp": "rcopy",
 }
-BOOLS = ("p", "localbin", "raw", "b", "json", "ldenv", "skipMissing", "jobs", "n")
+BOOLS = ("p", "launcher", "localbin", "raw", "b", "json", "ldenv", "skipMissing", "jobs", "n")
 TRUE, FALSE = ("true", "1", "t", "yes", "on"), ("false", "0", "f", "no", "off")
 
 DESCRIPTION = """\
@@ -81,6 +81,11 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
         "p",
         "private mount: the job's files are mounted over binRoot in the job's own mount "
         "namespace and vanish with it (default true; -p=false leaves them in binRoot)",
+    )
+    flag(
+        "launcher",
+        "s: fork jobs from a small launcher process, which costs a node less per job than "
+        "forking the daemon (default true; -launcher=false forks them from the daemon)",
     )
     flag("localbin", "run the node's own program instead of shipping it")
     add("debug", "log level 0-10 (0 warnings only, 1+ info, 5+ debug)", type=int, metavar="N")
@@ -193,6 +198,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
 
 DEFAULTS = {
     "p": True,
+    "launcher": True,
     "localbin": False,
     "debug": 0,
     "f": "",

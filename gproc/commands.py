@@ -75,7 +75,7 @@ def do_slave(args: argparse.Namespace) -> int:
     from gproc.slave import NodeConfig, Slave
 
     place = locale_for(args).place()
-    node = NodeConfig(place.name, place.bin_root, max(args.cacheMB, 0) << 20)
+    node = NodeConfig(place.name, place.bin_root, max(args.cacheMB, 0) << 20, args.launcher)
     slave = Slave(
         node,
         place.node_id,

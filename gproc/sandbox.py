@@ -1,52 +1,39 @@
 """Starting a job's program on a node, optionally in a private mount namespace.
 
-The slave daemon forks the program itself; the private mount is set up in the child between
-fork and exec (``preexec_fn``), so a job costs one fork, not a Python start. In the child:
-a new mount namespace (plus a user namespace when not root), every mount made private so
-nothing propagates back, and the job's staging directory bind-mounted over binRoot. When the
-last process of the job exits the namespace and its mount are gone with it; the daemon then
+A job is forked by the launcher (gproc.spawner), a lean process the slave starts once and
+talks to over a Unix socket, so a job costs a fork of a small interpreter instead of one of
+the whole daemon; or, with ``-launcher=false``, by the slave itself. Either way the private
+mount is set up in the child between fork and exec (gproc.spawner.child_setup): a new mount
+namespace (plus a user namespace when not root), every mount made private so nothing
+propagates back, and the job's staging directory bind-mounted over binRoot. When the last
+process of the job exits the namespace and its mount are gone with it; the daemon then
 removes the staging directory, so nothing of the job is left on the node.
 
-Every job process asks the kernel for SIGKILL when the daemon dies (``PR_SET_PDEATHSIG``) and
-leads its own session, so the daemon can kill the whole process group on cancel.
+Every job process asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``; the
+launcher asks the same of the slave) and leads its own session, so the daemon can kill the
+whole process group on cancel.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
-import ctypes
+import importlib.util
+import itertools
+import logging
+import marshal
 import os
 import signal
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
+from gproc import spawner
 from gproc.errors import GprocError
-from gproc.users import RunAs, drop_to
+from gproc.users import RunAs
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-MS_BIND = 4096
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.prctl.argtypes = [
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
+log = logging.getLogger("gproc.sandbox")
 
 
 class SandboxError(GprocError):
@@ -67,67 +54,29 @@ class Launch:
     stdin: bool = False  # a pipe for the client's standard input, else /dev/null
 
 
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def enter_private_root(
-    stage: str, bin_root: str, lower: str | None = None, work: str | None = None
-) -> None:
-    """In the forked child: own mount namespace with ``stage`` mounted over ``bin_root``.
-
-    With ``lower`` (a shared tree of the job's files) and ``work``, an overlay: the job sees
-    the tree with ``stage`` over it, and whatever it writes lands in ``stage``, never in the
-    tree.
-    """
-    if os.geteuid() == 0:
-        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    else:
-        uid, gid = os.geteuid(), os.getegid()
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
-    if lower is not None and work is not None:
-        options = f"lowerdir={lower},upperdir={stage},workdir={work}".encode()
-        _check(
-            _libc.mount(b"overlay", bin_root.encode(), b"overlay", 0, options),
-            f"overlay {stage} over {bin_root}",
-        )
-        return
-    _check(
-        _libc.mount(stage.encode(), bin_root.encode(), None, MS_BIND | MS_REC, None),
-        f"bind {stage} over {bin_root}",
-    )
+def _user(launch: Launch) -> tuple[int, int, list[int]] | None:
+    u = launch.user
+    return (u.uid, u.gid, list(u.groups)) if u is not None else None
 
 
 def _child_setup(launch: Launch) -> None:
-    """Between fork and exec: the mount as root, then the user, then what the user may do.
+    spawner.child_setup(launch.bind, launch.lower, launch.work, _user(launch), launch.cwd)
 
-    The parent-death signal is asked for after the drop, because changing the user clears it.
-    """
+
+def _setup_failed(launch: Launch, why: object) -> SandboxError | OSError:
+    """What to say when the child could not make the private mount or become the user."""
+    if launch.user is not None and launch.bind is None:
+        return SandboxError(f"cannot run as {launch.user.name}: {why}")
     if launch.bind is not None:
-        enter_private_root(*launch.bind, launch.lower, launch.work)
-    if launch.user is not None:
-        drop_to(launch.user)
-        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    os.chdir(launch.cwd)
+        return SandboxError(
+            f"cannot set up the private mount over {launch.bind[1]} ({why}); "
+            "run as root, allow user namespaces, or pass -p=false"
+        )
+    return OSError(f"cannot start {launch.argv[0]}: {why}")
 
 
 async def start(launch: Launch) -> asyncio.subprocess.Process:
-    """Fork and exec the program with pipes for its output; raises OSError or SandboxError."""
+    """The slave itself forks and execs the program (``-launcher=false``); as Launcher.start."""
     try:
         return await asyncio.create_subprocess_exec(
             *launch.argv,
@@ -139,17 +88,10 @@ async def start(launch: Launch) -> asyncio.subprocess.Process:
             preexec_fn=lambda: _child_setup(launch),
         )
     except subprocess.SubprocessError as e:
-        if launch.user is not None and launch.bind is None:
-            raise SandboxError(f"cannot run as {launch.user.name}: {e}") from None
-        if launch.bind is not None:
-            raise SandboxError(
-                f"cannot set up the private mount over {launch.bind[1]} ({e}); "
-                "run as root, allow user namespaces, or pass -p=false"
-            ) from None
-        raise OSError(f"cannot start {launch.argv[0]}: {e}") from None
+        raise _setup_failed(launch, e) from None
 
 
-def kill_group(proc: asyncio.subprocess.Process, force: bool = False) -> None:
+def kill_group(proc: asyncio.subprocess.Process | JobProcess, force: bool = False) -> None:
     """SIGKILL the job's whole process group (it leads its own session).
 
     ``force`` also after the leader has exited: what it started in the background lives
@@ -165,3 +107,216 @@ def kill_group(proc: asyncio.subprocess.Process, force: bool = False) -> None:
 def exit_status(returncode: int) -> int:
     """The shell's convention: 128+signal for a signal, else the exit code."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+class JobProcess:
+    """A job the launcher forked: what the slave uses of asyncio's Process, and no more."""
+
+    def __init__(self) -> None:
+        self.pid = 0  # until the launcher says it started
+        self.returncode: int | None = None
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def exited(self, returncode: int) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+            self._exited.set_result(returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+
+class Launcher:
+    """The slave's end of the launcher (gproc.spawner): starts it, hands it jobs, hears back.
+
+    It is started with the daemon, off any job's path, and again after it died (every job it
+    had then is reported killed: the parent-death signal took them). Use it from the event
+    loop's thread only: the launcher's parent-death signal follows the thread that started it.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._inbox = bytearray()
+        self._tags = itertools.count()
+        self._starting: dict[int, tuple[asyncio.Future[None], JobProcess]] = {}
+        self._jobs: dict[int, JobProcess] = {}
+        self._sending = asyncio.Lock()
+
+    def ensure(self) -> None:
+        """Start the launcher unless it runs."""
+        if self._sock is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SOURCE, str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        ours.setblocking(False)
+        self._sock = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable)
+        log.debug("launcher %d started", self._proc.pid)
+
+    async def start(self, launch: Launch) -> JobProcess:
+        """Fork and exec the program with pipes for its output; raises OSError or SandboxError."""
+        self.ensure()
+        loop = asyncio.get_running_loop()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if launch.stdin else (os.open(os.devnull, os.O_RDONLY), -1)
+        ours = [out_r, err_r] + ([in_w] if in_w >= 0 else [])
+        tag, job = next(self._tags), JobProcess()
+        started: asyncio.Future[None] = loop.create_future()
+        self._starting[tag] = (started, job)
+        request = ("run", tag, launch.argv, launch.env, launch.cwd, launch.bind, launch.lower)
+        request += (launch.work, _user(launch))
+        try:
+            try:
+                await self._send(marshal.dumps(request), [in_r, out_w, err_w])
+            finally:
+                for fd in (in_r, out_w, err_w):  # the launcher holds its own copies now
+                    os.close(fd)
+            await started
+        except BaseException as e:
+            self._starting.pop(tag, None)
+            for fd in ours:
+                os.close(fd)
+            if isinstance(e, _SetupFailed):
+                raise _setup_failed(launch, e) from None
+            raise
+        job.stdout = await _reader(loop, out_r)
+        job.stderr = await _reader(loop, err_r)
+        if in_w >= 0:
+            job.stdin = await _writer(loop, in_w)
+        return job
+
+    async def _send(self, body: bytes, fds: list[int]) -> None:
+        """One request, its descriptors riding with its first byte."""
+        data = spawner.LENGTH.pack(len(body)) + body
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        loop = asyncio.get_running_loop()
+        async with self._sending:
+            while True:
+                if self._sock is None:
+                    raise SandboxError("the launcher is gone; the slave is stopping")
+                try:
+                    sent = self._sock.sendmsg([data], rights)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    await _writable(loop, self._sock)
+            if sent < len(data):
+                await loop.sock_sendall(self._sock, data[sent:])
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        self._inbox += data
+        size = spawner.LENGTH.size
+        while len(self._inbox) >= size:
+            (length,) = spawner.LENGTH.unpack_from(self._inbox)
+            if len(self._inbox) < size + length:
+                break
+            answer = marshal.loads(bytes(self._inbox[size : size + length]))
+            del self._inbox[: size + length]
+            self._answer(answer)
+
+    def _answer(self, answer: tuple) -> None:
+        kind = answer[0]
+        if kind == "exit":
+            job = self._jobs.pop(answer[1], None)
+            if job is not None:
+                job.exited(os.waitstatus_to_exitcode(answer[2]))
+            return
+        entry = self._starting.pop(answer[1], None)
+        if entry is None:
+            return
+        started, job = entry
+        if kind == "started":
+            job.pid = answer[2]
+            self._jobs[job.pid] = job
+            if not started.done():
+                started.set_result(None)
+        elif not started.done():
+            _, _, step, code, text = answer
+            started.set_exception(_failure(step, code, text))
+
+    def _lost(self) -> None:
+        """The launcher died: its jobs died with it (parent-death signal)."""
+        log.warning("the job launcher exited; starting another for the next job")
+        proc = self._proc
+        self.close()
+        if proc is not None:
+            asyncio.get_running_loop().run_in_executor(None, proc.wait)  # no zombie left
+        for started, _ in self._starting.values():
+            if not started.done():
+                started.set_exception(SandboxError("the job launcher exited while starting"))
+        for job in self._jobs.values():
+            job.exited(-signal.SIGKILL)
+        self._starting.clear()
+        self._jobs.clear()
+
+    def close(self) -> None:
+        """Stop the launcher; it kills the jobs that still run."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        self._proc = None  # it exits on the closed socket, or with this daemon
+
+
+class _SetupFailed(Exception):
+    """The child could not make the private mount or become the user (the launcher's word)."""
+
+
+def _failure(step: str, code: int, text: str) -> Exception:
+    if step == "setup":
+        return _SetupFailed(text)
+    return OSError(code, text)  # FileNotFoundError for ENOENT, as subprocess gives
+
+
+async def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=1 << 16, loop=loop)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(fd, "rb", 0)
+    )
+    return reader
+
+
+async def _writer(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamWriter:
+    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop)
+    transport, _ = await loop.connect_write_pipe(lambda: protocol, os.fdopen(fd, "wb", 0))
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+def _source() -> str:
+    """gproc.spawner's text, from a checkout, an install or the zipapp alike."""
+    spec = importlib.util.find_spec("gproc.spawner")
+    source = spec.loader.get_source("gproc.spawner") if spec and spec.loader else None  # type: ignore[attr-defined]
+    if not source:
+        raise GprocError("cannot read gproc.spawner's source to start the job launcher")
+    return source
+
+
+_SOURCE = _source()

@@ -72,6 +72,7 @@ class NodeConfig:
     name: str
     bin_root: str
     cache_bytes: int = 512 << 20
+    launcher: bool = True  # fork jobs from a lean launcher process (gproc.spawner)
 
     @property
     def stage_root(self) -> str:
@@ -163,12 +164,14 @@ class NodeRun(LocalRunner):
         problem: str | None = None,
         cache: BlobCache | None = None,
         shared: TreeStore | None = None,
+        launcher: sandbox.Launcher | None = None,
     ):
         self.node = node
+        self.launcher = launcher
         self.header = header
         self.jid = header.job
         self.job: Job | None = None
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | sandbox.JobProcess | None = None
         self.error = problem
         self.killed = False
         self.task: asyncio.Task[None] | None = None
@@ -400,7 +403,10 @@ class NodeRun(LocalRunner):
             return EXIT_KILLED
         try:
             t = time.perf_counter()
-            self.proc = await sandbox.start(launch)
+            if self.launcher is not None:
+                self.proc = await self.launcher.start(launch)
+            else:
+                self.proc = await sandbox.start(launch)
             log.debug("job %s: started in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3)
         except sandbox.SandboxError as e:
             return await self._fail(str(e), EXIT_CANNOT_RUN)
@@ -611,6 +617,7 @@ class Slave:
         self.up: Conn | None = None
         self.cache: BlobCache | None = None
         self.trees: TreeStore | None = None
+        self.launcher: sandbox.Launcher | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.inflows: dict[str, Inflow] = {}
 
@@ -629,6 +636,9 @@ class Slave:
             if os.geteuid() == 0:  # an overlay needs root (in a user namespace, a new kernel)
                 where = root / "trees"
                 self.trees = await asyncio.to_thread(TreeStore, where, self.cache)
+        if self.node.launcher:
+            self.launcher = sandbox.Launcher()
+            self.launcher.ensure()  # its interpreter starts now, not on the first job's path
         await self.hop.serve(*self.listen)
         log.info("%s: serving children on %s:%d", self.node.name, *self.listen)
         if self.pid_file:
@@ -636,6 +646,8 @@ class Slave:
         try:
             await self._join_and_serve()
         finally:
+            if self.launcher is not None:
+                self.launcher.close()  # it kills the jobs still running
             if self.pid_file:
                 pidfile.remove_if_mine(self.pid_file)
 
@@ -774,7 +786,11 @@ class Slave:
         except nodespec.SpecError as e:
             spec, problem = (), f"bad job header: {e}"
         runs_here = not header.only or self.node.name in header.only  # else: relay only
-        run = NodeRun(self.node, header, problem, self.cache, self.trees) if runs_here else None
+        run = (
+            NodeRun(self.node, header, problem, self.cache, self.trees, self.launcher)
+            if runs_here
+            else None
+        )
         job = self.hop.new_job(header, conn, run, header.job, Window(UP_WINDOW))
         if run is not None:
             run.attach(job)

@@ -180,17 +180,6 @@ def _groups_of(name: str, gid: int) -> tuple[int, ...]:
         return (gid,)
 
 
-def drop_to(user: RunAs) -> None:
-    """In the forked child, after the private mount is made as root: become the user.
-
-    Groups first, then gid, then uid: each step needs the privilege the next one drops.
-    (gproc.sandbox then sets no-new-privileges.)
-    """
-    os.setgroups(list(user.groups))
-    os.setresgid(user.gid, user.gid, user.gid)
-    os.setresuid(user.uid, user.uid, user.uid)
-
-
 def give_tree(root: str, user: RunAs) -> None:
     """Hand a job's staging tree to its user: the root mode 0700, everything in it theirs.
 

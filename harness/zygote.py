@@ -44,7 +44,7 @@ import socket
 import sys
 import traceback
 
-from gproc.sandbox import CLONE_NEWNS, MS_PRIVATE, MS_REC, _check, _libc
+from gproc.spawner import CLONE_NEWNS, MS_PRIVATE, MS_REC, _check, _libc
 
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
@@ -53,7 +53,7 @@ HIDDEN = ("/run/netns", "/var/run/netns", "/run/docker/netns")  # pinned namespa
 MAX_FDS = 200  # namespaces per spawn request (the kernel passes at most 253 at once)
 MARK = "harness.zygote"  # in the command line: how ``down`` finds a zygote left behind
 
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]  # the sandbox's libc, one more call
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]  # the spawner's libc, one more call
 
 
 def preload() -> None:

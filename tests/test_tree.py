@@ -472,3 +472,19 @@ def test_a_reader_that_leaves_ends_gproc_quietly(tree: Tree) -> None:
 def test_only_the_masters_user_may_connect_by_default(tree: Tree) -> None:
     """-allow owner (the default): the socket is 0600, as a personal tree's should be."""
     assert os.stat(tree.uds).st_mode & 0o777 == 0o600
+
+
+def test_jobs_are_forked_by_the_launcher_not_the_slave(tree: Tree) -> None:
+    """Each slave forks its jobs from a lean launcher process (gproc.spawner), whose own
+    parent is the slave: a job's parent is that launcher on every node."""
+    script = 'tr "\\0\\n" "  " < /proc/$PPID/cmdline | head -c 300; echo; ps -o ppid= -p $PPID'
+    r = tree.gproc("e", "./.", "/bin/sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    lines: dict[str, list[str]] = {}
+    for line in r.stdout.splitlines():
+        node, _, text = line.partition(": ")
+        lines.setdefault(node, []).append(text.strip())
+    assert set(lines) == set(ALL)
+    for node, (cmdline, grandparent) in lines.items():
+        assert "-I -S -c" in cmdline and "The launcher" in cmdline, (node, cmdline)
+        assert int(grandparent) == tree.pid(node), node
