@@ -260,3 +260,100 @@ def test_jobs_staged_on_another_file_system_get_their_copies(
         assert unpack(Path(shm) / "job2", files, cache, "2") == []
         for path, data in files.items():
             assert (Path(shm) / "job2" / path).read_bytes() == data
+
+
+# ---------------------------------------------------------------- admission: large files
+
+
+ADMIT = 100_000  # the threshold these tests give their caches: files above it are "large"
+
+
+def test_a_large_file_is_cached_from_its_second_arrival_and_not_shipped_the_third_time(
+    tmp_path: Path,
+) -> None:
+    """A data file shipped once costs the node no cache copy and pushes nothing out."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20, admit_bytes=ADMIT)
+    data = {"data.bin": os.urandom(ADMIT + 1)}
+    digest = digest_bytes(data["data.bin"])
+    assert unpack(tmp_path / "job1", data, cache, "1") == [0]
+    assert (tmp_path / "job1" / "data.bin").read_bytes() == data["data.bin"]
+    assert (tmp_path / "job1" / "data.bin").stat().st_mode & 0o7777 == 0o755
+    assert not cache.holds(digest), "not cached on its first arrival"
+    assert os.listdir(tmp_path / "cache") == [], "nothing written in the cache directory"
+    assert cache.size == 0
+
+    assert unpack(tmp_path / "job2", data, cache, "2") == [0], "shipped again"
+    assert cache.holds(digest), "cached on its second arrival"
+    assert (tmp_path / "job2" / "data.bin").read_bytes() == data["data.bin"]
+    rewrite_in_place(tmp_path / "job2" / "data.bin")  # the job's copy is its own
+
+    assert unpack(tmp_path / "job3", data, cache, "3") == [], "the third run ships nothing"
+    assert (tmp_path / "job3" / "data.bin").read_bytes() == data["data.bin"]
+
+
+def test_a_small_file_is_cached_on_its_first_arrival_beside_a_large_one_that_is_not(
+    tmp_path: Path,
+) -> None:
+    cache = BlobCache(tmp_path / "cache", 1 << 20, admit_bytes=ADMIT)
+    files = {"bin/prog": os.urandom(ADMIT), "data.bin": os.urandom(ADMIT + 1)}
+    assert unpack(tmp_path / "job1", files, cache, "1") == [0, 1]
+    assert cache.holds(digest_bytes(files["bin/prog"])), "at the threshold: cached at once"
+    assert not cache.holds(digest_bytes(files["data.bin"]))
+    assert unpack(tmp_path / "job2", files, cache, "2") == [1], "only the large file again"
+    for path, data in files.items():
+        assert (tmp_path / "job2" / path).read_bytes() == data
+
+
+def test_the_default_threshold_is_4_mib_inclusive(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", 16 << 20)
+    files = {"lib/big.so": os.urandom(4 << 20), "data.bin": os.urandom((4 << 20) + 1)}
+    assert unpack(tmp_path / "job", files, cache, "1") == [0, 1]
+    assert cache.holds(digest_bytes(files["lib/big.so"]))
+    assert not cache.holds(digest_bytes(files["data.bin"]))
+
+
+def test_a_large_file_whose_bytes_do_not_match_is_not_remembered(tmp_path: Path) -> None:
+    """The manifest's digest is a claim: only bytes that match it make the file seen."""
+    cache = BlobCache(tmp_path / "cache", 1 << 20, admit_bytes=ADMIT)
+    data = os.urandom(ADMIT + 1)
+    digest = digest_bytes(data)
+    manifest = check_manifest([entry("data.bin", data)], len(data))
+    u = Unpacker(tmp_path / "job0", manifest, "0", cache)
+    assert u.needed == [0]
+    with pytest.raises(BundleError, match="sha256"):
+        u.feed(0, os.urandom(len(data)))  # other bytes under the claimed digest
+    assert not (tmp_path / "job0").exists(), "a refused file leaves nothing behind"
+    assert os.listdir(tmp_path / "cache") == []
+
+    files = {"data.bin": data}
+    assert unpack(tmp_path / "job1", files, cache, "1") == [0]
+    assert not cache.holds(digest), "the refused arrival did not count: this is the first"
+    assert unpack(tmp_path / "job2", files, cache, "2") == [0]
+    assert cache.holds(digest), "the second arrival that matched is cached"
+    assert unpack(tmp_path / "job3", files, cache, "3") == []
+
+
+def test_the_large_files_remembered_are_bounded_oldest_forgotten_first(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", 1 << 20, admit_bytes=ADMIT, seen=4)
+    pool = [{f"data{n}.bin": os.urandom(ADMIT + 1)} for n in range(5)]
+    for n, files in enumerate(pool):  # five distinct large files for a set of four
+        assert unpack(tmp_path / f"once{n}", files, cache, f"o{n}") == [0]
+    assert not cache.holds(digest_bytes(*pool[4].values()))
+
+    assert unpack(tmp_path / "again4", pool[4], cache, "a4") == [0]
+    assert cache.holds(digest_bytes(*pool[4].values())), "the last one seen is remembered"
+    assert unpack(tmp_path / "again0", pool[0], cache, "a0") == [0]
+    assert not cache.holds(digest_bytes(*pool[0].values())), "the oldest one is forgotten"
+    assert unpack(tmp_path / "third0", pool[0], cache, "t0") == [0]
+    assert cache.holds(digest_bytes(*pool[0].values())), "seen again now: cached"
+
+
+def test_by_default_the_last_1024_large_files_are_remembered(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", 1 << 30)
+    size = (4 << 20) + 1
+    digests = [n.to_bytes(32, "big") for n in range(1025)]
+    for d in digests:
+        assert not cache.admits(size, d)
+        cache.saw(size, d)
+    assert not cache.admits(size, digests[0]), "the oldest of 1025 is forgotten"
+    assert all(cache.admits(size, d) for d in digests[1:])
