@@ -15,9 +15,10 @@ Goals (DESIGN.md section 8, issue 11):
                   finishes
 
 Shipping goes to the first ``--ship-racks`` racks (``1-K/.``), not to all nodes: every node
-keeps its own copy of the file in RAM (/dev/shm staging, plus its cache), and 1,000 copies of
-32 MiB are more than this machine holds. The front-end's share does not depend on how many
-nodes sit below each rack master, which is what the tree is for.
+keeps its own copy of the file in RAM (/dev/shm staging, plus its cache once a file over
+4 MiB arrives a second time), and 1,000 copies of 32 MiB are more than this machine holds.
+The front-end's share does not depend on how many nodes sit below each rack master, which is
+what the tree is for.
 
 Timings include starting the client (``nsenter`` into the front-end, a Python start).
 """
