@@ -169,7 +169,9 @@ def resolve(name: str, uid: int, gid: int, node: str) -> RunAs:
             f"group {gid} is not one of {name}'s groups on {node} (the front-end gave that "
             "group); the job does not run with a group its user lacks here"
         )
-    groups = _groups_of(name, gid)
+    # The groups matter only to a job that drops to its user; reading them is a scan of the
+    # group database, on every node for every job.
+    groups = _groups_of(name, gid) if me == 0 and uid != 0 else (gid,)
     return RunAs(name, uid, gid, groups, pw.pw_dir or "/", pw.pw_shell or "/bin/sh")
 
 
