@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import importlib.resources
 import io
+import py_compile
 import sys
 import tempfile
 import zipfile
@@ -82,7 +83,9 @@ def build_zipapp(dest: Path) -> tuple[Path, str]:
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             _add(zf, "__main__.py", MAIN.encode())
             for path in sorted(staged.rglob("*.py")):
-                _add(zf, path.relative_to(staged).as_posix(), path.read_bytes())
+                name = path.relative_to(staged).as_posix()
+                _add(zf, name, path.read_bytes())
+                _add(zf, name[:-3] + ".pyc", _compiled(path, name))
     data = buf.getvalue()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dest = dest.with_suffix(".tmp")
@@ -90,6 +93,26 @@ def build_zipapp(dest: Path) -> tuple[Path, str]:
     tmp_dest.chmod(0o755)
     tmp_dest.replace(dest)
     return dest, hashlib.sha256(data).hexdigest()
+
+
+def _compiled(path: Path, name: str) -> bytes:
+    """The module's bytecode for this Python, beside its source in the archive.
+
+    Python imports from a zip without writing bytecode anywhere, so without these every start
+    of gproc compiled all of it again: 40 ms of a client's 100 ms of CPU on the harness's
+    front-end. An unchecked hash-based pyc (PEP 552) is used as it is, with no timestamp in
+    it; a node with another Python version finds a different magic number and compiles the
+    source, as before.
+    """
+    out = path.with_suffix(".pyc")
+    py_compile.compile(
+        str(path),
+        str(out),
+        dfile=name,
+        doraise=True,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    return out.read_bytes()
 
 
 def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:

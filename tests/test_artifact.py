@@ -64,3 +64,18 @@ def test_a_zipapp_builds_the_same_artifact(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == digest
+
+
+def test_the_zipapp_carries_bytecode_this_python_loads(tmp_path: Path) -> None:
+    """Python writes no bytecode for modules it imports from a zip, so without compiled
+    modules in the archive every gproc start compiled all of gproc again."""
+    pyz, _ = build_zipapp(tmp_path / "gproc.pyz")
+    code = (
+        f"import sys; sys.path[:0] = [{str(pyz)!r}]; sys.path.append({str(pyz) + '/_vendor'!r}); "
+        "import gproc.cli; print(gproc.cli.__file__)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("gproc/cli.pyc"), r.stdout
