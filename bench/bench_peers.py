@@ -51,7 +51,8 @@ MUNGE_SOCKET_DIR = "/run/munge"  # the clients' default socket lives here
 SSH_CONFIG = f"{WORK}/ssh_config"
 SRC = "/root/bench-peers.bin"  # the file shipped, on the front-end
 DEST = "/tmp/bench-peers.bin"  # where it lands on the nodes
-CACHE = "/tmp/xproc.cache"  # gproc's node cache (binRoot /tmp/xproc + .cache)
+BIN_ROOT = "/tmp/xproc"  # gproc's binRoot on the nodes: a job sees a shipped file under it
+CACHE = BIN_ROOT + ".cache"  # gproc's node cache
 NODES = "kn[1-80]"
 SLURM_ENV = f"SLURM_CONF={CONF}"
 PDSH = ["pdsh", "-R", "ssh", "-f", "80", "-w", NODES]
@@ -361,14 +362,17 @@ class Copy:
     argv: list[str]
     nodes: str  # "all" or "rack"
     prefix: list[str] = field(default_factory=list)
-    in_cache: bool = False  # gproc e -f: the file is checked in the node's cache
+    # gproc e -f: the file lives only as long as the job, so a second job ships it again and
+    # prints its sha256 as every node's job sees it (the timed job's exit status already says
+    # that every node matched every chunk against the client's digests)
+    seen_by_job: bool = False
 
 
 def copy_commands() -> dict[str, Copy]:
     salloc = ["salloc", "-N80", "--quiet"]
     return {
         "gproc cp": Copy(["gproc", "cp", "./.", SRC, DEST], "all"),
-        "gproc e -f": Copy(["gproc", "e", "-f", SRC, "./.", "/bin/true"], "all", in_cache=True),
+        "gproc e -f": Copy(["gproc", "e", "-f", SRC, "./.", "/bin/true"], "all", seen_by_job=True),
         "pdcp": Copy(["pdcp", *PDSH[1:], SRC, DEST], "all"),
         "clush --copy": Copy([*CLUSH, "--copy", SRC, "--dest", DEST], "all"),
         "sbcast": Copy(["sbcast", "--force", SRC, DEST], "all", prefix=salloc),
@@ -390,14 +394,26 @@ def verify_and_clean(cluster: Cluster, tool: str, copy: Copy, digest: str, size:
     # gproc names a cached blob by its own digest (gproc/digest.py), not the file's sha256:
     # the blob is found by its sha256 among the cache's few files
     blob = f"$(sha256sum {CACHE}/* 2>/dev/null | awk '$1 == \"{digest}\" {{print $2; exit}}')"
-    held = blob if copy.in_cache else DEST
-    # every gproc copy also leaves a blob in the node cache (in RAM on the harness): removed
-    check = f'f="{held}"; stat -c %s "$f" && sha256sum "$f"; rm -f {DEST} "{blob}"'
+    if copy.seen_by_job:
+        shipped = f"{BIN_ROOT}{SRC}"
+        seen = must(
+            front(
+                cluster,
+                f"gproc e -f {SRC} ./. /bin/sh -c 'stat -c %s {shipped}; sha256sum {shipped}'",
+            ),
+            f"{tool}: the check job",
+        )
+        said = {n: "" for n in names}
+        for line in seen.splitlines():
+            node, _, text = line.partition(": ")
+            said[node] = said.get(node, "") + text + "\n"
+    # every gproc copy may also leave a blob in the node cache (in RAM on the harness): removed
+    check = f'stat -c %s {DEST} && sha256sum {DEST}; rm -f {DEST} "{blob}"'
     results = cluster.on_nodes(["sh", "-c", check], names)
     front(cluster, f'rm -f "{blob}"')
-    bad = [
-        n for n in wanted if results[n].lines()[:1] != [str(size)] or digest not in results[n].out
-    ]
+    if not copy.seen_by_job:
+        said = {n: results[n].out for n in names}
+    bad = [n for n in wanted if said[n].splitlines()[:1] != [str(size)] or digest not in said[n]]
     if bad:
         raise BenchError(f"{tool}: the file did not arrive whole on {', '.join(bad[:10])}")
 
