@@ -26,10 +26,12 @@ from pathlib import Path
 from gproc.errors import GprocError
 from gproc.output import Printer
 
-# Run on each node as ``python3 -I -c PLACE HOW STAGE DEST SOURCE...``, as the job's user;
-# HOW is "move" for a private job's staging (its own files), else "copy".
+# Run on each node as ``python3 -I -S -c PLACE HOW STAGE DEST SOURCE...``, as the job's user;
+# HOW is "move" for a private job's staging (its own files), else "copy". It imports as little
+# as it can: an interpreter start is most of its cost on a node, and with shutil and secrets
+# (base64, hmac, random, bz2, lzma...) it cost 27 ms of CPU instead of 10.
 PLACE = r"""
-import errno, os, secrets, shutil, stat, sys
+import errno, os, stat, sys
 
 how, stage, dest, sources = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 into = dest.endswith("/") or os.path.isdir(dest) or len(sources) > 1
@@ -40,7 +42,7 @@ NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def temporary(target):
     # A new name nobody can guess, created here: never a file or symlink put there first.
-    return f"{target}.gproc-{secrets.token_hex(8)}"
+    return f"{target}.gproc-{os.urandom(8).hex()}"
 
 def moved(src, target, mode):
     # The staged file is this job's own copy, complete: moved, not copied, where it can be.
@@ -63,6 +65,7 @@ def put_file(src, target, mode):
     size += os.path.getsize(target)
 
 def write_new(src, target, mode):
+    import shutil
     tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(temporary(target)))
     with open(src, "rb") as data:
         fd = os.open(tmp, NEW, 0o600)

@@ -116,7 +116,7 @@ def placement(
     if switches and not _for_everyone(python):
         python = shutil.which("python3", path=users.DEFAULT_PATH) or python
     how = "move" if move else "copy"
-    return [python, "-I", "-c", copying.PLACE, how, stage, *header.argv]
+    return [python, "-I", "-S", "-c", copying.PLACE, how, stage, *header.argv]
 
 
 def _for_everyone(program: str) -> bool:
