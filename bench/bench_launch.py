@@ -16,6 +16,7 @@ The tree and the client run the gproc of the checkout this file is in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import socket
@@ -64,11 +65,27 @@ def rss_mib(pid: int) -> float:
 
 
 def cpu_ms(pid: int | None) -> float:
-    """User plus system CPU time a process has used so far."""
+    """User plus system CPU time a daemon has used so far, with its job launcher's (a child
+    that forks the jobs for it: gproc.spawner); the jobs' own CPU is not counted."""
     if pid is None:
         return float("nan")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    for child in _children(pid):
+        try:
+            inner = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(inner[11]) + int(inner[12])
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def children_cpu() -> float:
