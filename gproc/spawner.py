@@ -122,25 +122,36 @@ def child_setup(
     work: str | None,
     user: User | None,
     cwd: str,
+    parent: int,
 ) -> None:
     """Between fork and exec: the mount as root, then the user, then what the user may do.
 
     The parent-death signal is asked for after the drop, because changing the user clears it.
+    A parent (``parent``: the pid that forked us) that died before we asked sends nothing:
+    we would exec the job orphaned, with nobody to kill it or read it, while the daemon
+    counts it as never started. So once asked, the child checks its parent is still there.
     """
     if bind is not None:
         enter_private_root(bind[0], bind[1], lower, work)
     if user is not None:
         become(*user)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        raise OSError(errno.ESRCH, "the process that forked the job is gone")
     os.chdir(cwd)
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> None:
-    """execve, searching the job's PATH for a bare name as the shell would; raises OSError."""
+    """execve, searching the job's PATH for a bare name as the shell would; raises OSError.
+
+    Not os.get_exec_path: it imports ``warnings``, and an import here, after the drop to the
+    job's user, fails for a user who may not read the daemon's Python (under /root, say).
+    Nothing between fork and exec may import.
+    """
     if "/" in argv[0]:
         os.execve(argv[0], argv, env)
     first: OSError | None = None
-    for directory in os.get_exec_path(env):
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
         try:
             os.execve(os.path.join(directory, argv[0]), argv, env)
         except OSError as e:
@@ -149,7 +160,7 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
     raise first or OSError(errno.ENOENT, f"{argv[0]}: not found on PATH")
 
 
-def _child(request: tuple, fds: list[int], report: int) -> None:
+def _child(request: tuple, fds: list[int], report: int, parent: int) -> None:
     """The forked child: never returns; on failure writes (step, errno, text) to ``report``."""
     _, _, argv, env, cwd, bind, lower, work, user = request
     step = "setup"
@@ -162,7 +173,7 @@ def _child(request: tuple, fds: list[int], report: int) -> None:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)  # as a job forked by subprocess gets them
         signal.set_wakeup_fd(-1)
-        child_setup(bind, lower, work, user, cwd)
+        child_setup(bind, lower, work, user, cwd, parent)
         step = "exec"
         _exec(argv, env)
     except BaseException as e:
@@ -181,11 +192,12 @@ def spawn(request: tuple, fds: list[int]) -> tuple:
     """Fork the job of ``request`` with ``fds`` as its 0, 1, 2; the answer for the daemon."""
     tag = request[1]
     report_r, report_w = os.pipe()  # close-on-exec: EOF once the program is exec'd
+    me = os.getpid()
     try:
         pid = os.fork()
         if pid == 0:
             os.close(report_r)
-            _child(request, fds, report_w)
+            _child(request, fds, report_w, me)
         os.close(report_w)
         report_w = -1
         failure = b""
