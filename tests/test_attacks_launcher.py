@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -207,3 +208,74 @@ def test_a_job_whose_launcher_dies_before_it_asked_for_the_parent_death_signal_n
         assert await finish(again) == (0, b"a new launcher serves\n", b"")
 
     run(body)
+
+
+# ---------------------------------------------------------------- a child stopped before exec
+
+STOPPER = """
+import os, signal, time
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # every process of mine but me, as fast as I can
+    try:
+        os.kill(-1, signal.SIGSTOP)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def _children_stopped(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] == "T" and int(stat[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+@needs_users
+def test_a_user_who_stops_her_job_before_its_exec_holds_up_no_one_else(
+    place: Place, users: tuple[User, User, str]
+) -> None:
+    """After the drop to the user and before the exec, the forked child is the user's: she
+    may stop it (kill -STOP -1 in a loop catches it; a long PATH to search widens the
+    window). The launcher waited for the child's exec in a blocking read, so one stopped
+    child held up every later start on the node, for every user, for ever. A stopped child
+    may hold up its own start only."""
+    user = users[0]
+    stopper = subprocess.Popen(
+        [place.python, "-c", STOPPER], user=user.uid, group=user.gid, extra_groups=[]
+    )
+    path = ":".join(f"/nonexistent/{i:05}" for i in range(6000))  # under 128 KiB
+
+    async def body(launcher: sandbox.Launcher) -> None:
+        assert launcher._proc is not None
+        spy = launcher._proc.pid
+        held = launch("no-such-program", user=run_as(user))
+        held = sandbox.Launch(held.argv, {"PATH": path}, "/", user=held.user)
+        first = asyncio.ensure_future(launcher.start(held))
+        try:
+            caught: list[int] = []
+            await asyncio.to_thread(
+                wait_until,
+                lambda: bool(caught.extend(_children_stopped(spy)) or caught) or first.done(),
+                30,
+                "the user's loop never caught her child before its exec",
+            )
+            assert not first.done(), "the child was caught after its exec, not before"
+            stopper.kill()
+            other = await asyncio.wait_for(launcher.start(launch("/bin/echo", "mine")), 10)
+            assert await finish(other) == (0, b"mine\n", b"")
+        finally:
+            stopper.kill()
+            for pid in _children_stopped(spy):
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.gather(first, return_exceptions=True)
+
+    try:
+        run(body)
+    finally:
+        stopper.kill()
+        stopper.wait()
