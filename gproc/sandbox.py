@@ -59,8 +59,8 @@ def _user(launch: Launch) -> tuple[int, int, list[int]] | None:
     return (u.uid, u.gid, list(u.groups)) if u is not None else None
 
 
-def _child_setup(launch: Launch) -> None:
-    spawner.child_setup(launch.bind, launch.lower, launch.work, _user(launch), launch.cwd)
+def _child_setup(launch: Launch, daemon: int) -> None:
+    spawner.child_setup(launch.bind, launch.lower, launch.work, _user(launch), launch.cwd, daemon)
 
 
 def _setup_failed(launch: Launch, why: object) -> SandboxError | OSError:
@@ -77,6 +77,7 @@ def _setup_failed(launch: Launch, why: object) -> SandboxError | OSError:
 
 async def start(launch: Launch) -> asyncio.subprocess.Process:
     """The slave itself forks and execs the program (``-launcher=false``); as Launcher.start."""
+    daemon = os.getpid()  # the child's parent, which it checks is still there
     try:
         return await asyncio.create_subprocess_exec(
             *launch.argv,
@@ -85,7 +86,7 @@ async def start(launch: Launch) -> asyncio.subprocess.Process:
             stderr=subprocess.PIPE,
             env=launch.env,
             start_new_session=True,
-            preexec_fn=lambda: _child_setup(launch),
+            preexec_fn=lambda: _child_setup(launch, daemon),
         )
     except subprocess.SubprocessError as e:
         raise _setup_failed(launch, e) from None

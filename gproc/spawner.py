@@ -122,25 +122,36 @@ def child_setup(
     work: str | None,
     user: User | None,
     cwd: str,
+    parent: int,
 ) -> None:
     """Between fork and exec: the mount as root, then the user, then what the user may do.
 
     The parent-death signal is asked for after the drop, because changing the user clears it.
+    A parent (``parent``: the pid that forked us) that died before we asked sends nothing:
+    we would exec the job orphaned, with nobody to kill it or read it, while the daemon
+    counts it as never started. So once asked, the child checks its parent is still there.
     """
     if bind is not None:
         enter_private_root(bind[0], bind[1], lower, work)
     if user is not None:
         become(*user)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        raise OSError(errno.ESRCH, "the process that forked the job is gone")
     os.chdir(cwd)
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> None:
-    """execve, searching the job's PATH for a bare name as the shell would; raises OSError."""
+    """execve, searching the job's PATH for a bare name as the shell would; raises OSError.
+
+    Not os.get_exec_path: it imports ``warnings``, and an import here, after the drop to the
+    job's user, fails for a user who may not read the daemon's Python (under /root, say).
+    Nothing between fork and exec may import.
+    """
     if "/" in argv[0]:
         os.execve(argv[0], argv, env)
     first: OSError | None = None
-    for directory in os.get_exec_path(env):
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
         try:
             os.execve(os.path.join(directory, argv[0]), argv, env)
         except OSError as e:
@@ -149,7 +160,7 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
     raise first or OSError(errno.ENOENT, f"{argv[0]}: not found on PATH")
 
 
-def _child(request: tuple, fds: list[int], report: int) -> None:
+def _child(request: tuple, fds: list[int], report: int, parent: int) -> None:
     """The forked child: never returns; on failure writes (step, errno, text) to ``report``."""
     _, _, argv, env, cwd, bind, lower, work, user = request
     step = "setup"
@@ -162,7 +173,7 @@ def _child(request: tuple, fds: list[int], report: int) -> None:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)  # as a job forked by subprocess gets them
         signal.set_wakeup_fd(-1)
-        child_setup(bind, lower, work, user, cwd)
+        child_setup(bind, lower, work, user, cwd, parent)
         step = "exec"
         _exec(argv, env)
     except BaseException as e:
@@ -177,62 +188,67 @@ def _child(request: tuple, fds: list[int], report: int) -> None:
     os._exit(127)
 
 
-def spawn(request: tuple, fds: list[int]) -> tuple:
-    """Fork the job of ``request`` with ``fds`` as its 0, 1, 2; the answer for the daemon."""
-    tag = request[1]
-    report_r, report_w = os.pipe()  # close-on-exec: EOF once the program is exec'd
+def spawn(request: tuple, fds: list[int]) -> tuple[int, int]:
+    """Fork the job of ``request`` with ``fds`` as its 0, 1, 2: its pid, and the read end
+    of its report pipe (close-on-exec in the child: EOF once the program is exec'd, after
+    (step, errno, text) if it could not be)."""
+    report_r, report_w = os.pipe()
+    me = os.getpid()
     try:
         pid = os.fork()
         if pid == 0:
             os.close(report_r)
-            _child(request, fds, report_w)
-        os.close(report_w)
-        report_w = -1
-        failure = b""
-        while chunk := os.read(report_r, 4096):
-            failure += chunk
-    finally:
+            _child(request, fds, report_w, me)
+    except BaseException:
         os.close(report_r)
-        if report_w >= 0:
-            os.close(report_w)
-    if not failure:
-        return ("started", tag, pid)
-    os.waitpid(pid, 0)  # it exits at once: never report it as a job
-    step, code, text = marshal.loads(failure)
-    return ("failed", tag, step, code, text)
+        raise
+    finally:
+        os.close(report_w)
+    os.set_blocking(report_r, False)  # a stale readiness must not wait on another child
+    return pid, report_r
 
 
 class Launcher:
-    """The launcher's side of the socket: requests in, answers out, children reaped."""
+    """The launcher's side of the socket: requests in, answers out, children reaped.
+
+    A child's exec is awaited like everything else, in the one poll: between the drop to
+    the user and the exec the child is the user's, who may stop it (SIGSTOP) for as long as
+    she likes, and a blocking wait for its exec would hold up every other start on the node.
+    """
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.inbox = b""
+        self.inbox = bytearray()
         self.fds: list[int] = []  # received with requests not read yet, in order
         self.jobs: set[int] = set()
+        self.starting: dict[int, tuple[object, int, bytearray]] = {}  # report fd: tag, pid, text
+        self.poll = select.poll()
 
     def serve(self) -> None:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the pipe
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes poll through the pipe
         signal.set_wakeup_fd(wake_w)
+        self.poll.register(self.sock, select.POLLIN)
+        self.poll.register(wake_r, select.POLLIN)
         try:
             while True:
-                ready, _, _ = select.select([self.sock, wake_r], [], [])
-                if wake_r in ready:
-                    while os.read(wake_r, 512) == 512:
-                        pass
-                    self.reap()
-                if self.sock in ready and not self.take():
-                    return
-        finally:
-            for pid in self.jobs:  # the daemon is gone: so is every job it started
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                for fd, _ in self.poll.poll():
+                    if fd == wake_r:
+                        while os.read(wake_r, 512) == 512:
+                            pass
+                        self.reap()
+                    elif fd in self.starting:
+                        self.report(fd)
+                    elif fd == self.sock.fileno() and not self.take():
+                        return
+        finally:  # the daemon is gone: so is every job it started
+            for _, pid, _ in self.starting.values():
+                _kill(os.kill, pid)
+            for pid in self.jobs:
+                _kill(os.killpg, pid)
 
     def take(self) -> bool:
-        """Read what arrived; run every complete request. False once the daemon is gone."""
+        """Read what arrived; start every complete request. False once the daemon is gone."""
         try:
             data, ancillary, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4))
         except InterruptedError:
@@ -248,21 +264,47 @@ class Launcher:
             (size,) = LENGTH.unpack_from(self.inbox)
             if size > MAX_REQUEST or len(self.inbox) < LENGTH.size + size:
                 return size <= MAX_REQUEST
-            body = self.inbox[LENGTH.size : LENGTH.size + size]
-            self.inbox = self.inbox[LENGTH.size + size :]
+            request = marshal.loads(self.inbox[LENGTH.size : LENGTH.size + size])
+            del self.inbox[: LENGTH.size + size]
             fds, self.fds = self.fds[:3], self.fds[3:]
-            request = marshal.loads(body)
             try:
-                answer = spawn(request, fds)
+                pid, report = spawn(request, fds)
             except OSError as e:  # a fork that failed (no memory, no pids)
-                answer = ("failed", request[1], "fork", e.errno or errno.EAGAIN, str(e))
+                reason = e.strerror or str(e)
+                self.send(("failed", request[1], "fork", e.errno or errno.EAGAIN, reason))
+                continue
             finally:
                 for fd in fds:
                     os.close(fd)
-            if answer[0] == "started":
-                self.jobs.add(answer[2])
-            self.send(answer)
+            self.starting[report] = (request[1], pid, bytearray())
+            self.poll.register(report, select.POLLIN)
         return True
+
+    def report(self, fd: int, status: int | None = None) -> None:
+        """The child's report pipe is readable: its failure, or EOF once exec'd or dead.
+
+        ``status``: the child was reaped already (it died before we read the EOF).
+        """
+        tag, pid, failure = self.starting[fd]
+        try:
+            while chunk := os.read(fd, 4096):
+                failure += chunk
+        except BlockingIOError:
+            return  # more, or the EOF, comes with a later poll
+        del self.starting[fd]
+        self.poll.unregister(fd)
+        os.close(fd)
+        if failure:
+            if status is None:
+                os.waitpid(pid, 0)  # it exits at once: never report it as a job
+            step, code, text = marshal.loads(failure)
+            self.send(("failed", tag, step, code, text))
+            return
+        self.send(("started", tag, pid))
+        if status is None:
+            self.jobs.add(pid)
+        else:
+            self.send(("exit", pid, status))
 
     def reap(self) -> None:
         while True:
@@ -272,12 +314,23 @@ class Launcher:
                 return
             if pid == 0:
                 return
+            report = next((fd for fd, (_, p, _) in self.starting.items() if p == pid), None)
+            if report is not None:  # dead before we saw its exec: answer the start first
+                self.report(report, status)
+                continue
             self.jobs.discard(pid)
             self.send(("exit", pid, status))
 
     def send(self, answer: tuple) -> None:
         body = marshal.dumps(answer)
         self.sock.sendall(LENGTH.pack(len(body)) + body)
+
+
+def _kill(how: object, pid: int) -> None:
+    try:
+        how(pid, signal.SIGKILL)  # type: ignore[operator]
+    except OSError:
+        pass
 
 
 def main(sock_fd: int, parent: int) -> None:
