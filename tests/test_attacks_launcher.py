@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 from test_launcher import alive, finish, launch, wait_until
-from test_users import Place, User, place, users
+from test_users import USERS_GROUP, Place, User, place, users
 
 from gproc import sandbox
 from gproc.users import RunAs
 
 FIXTURES = (place, users)  # test_users' module fixtures: two users made for the test
+
+pytestmark = USERS_GROUP  # see test_users: useradd in parallel races
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the launcher drops to users as root")
 needs_users = pytest.mark.skipif(

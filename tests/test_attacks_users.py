@@ -19,16 +19,19 @@ from pathlib import Path
 
 import pytest
 from conftest import Tree, assert_clean_logs, free_port_block, start_tree, wait_until
-from test_users import Place, User, as_user, lines_of, place, users
+from test_users import USERS_GROUP, Place, User, as_user, lines_of, place, users
 
 from gproc.deploy.local import LocalTree
 
 FIXTURES = (place, users)  # test_users' module fixtures: two users, a site they can run
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("unshare"),
-    reason="needs root, useradd and unshare: the test creates users and runs a tree as root",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("unshare"),
+        reason="needs root, useradd and unshare: the test creates users and runs a tree as root",
+    ),
+    USERS_GROUP,
+]
 
 
 # ---------------------------------------------------------------- binRoot squatted
@@ -242,7 +245,11 @@ def test_a_flood_of_signals_is_relayed_at_a_bounded_rate(
 
 
 class WithOwnGroups(LocalTree):
-    """Starts chosen nodes in their own mount namespace, seeing their own /etc/group."""
+    """Starts chosen nodes in their own mount namespace, seeing their own /etc/group.
+
+    As in test_users.WithOwnPasswd, the whole of /etc is a copy: a mount on /etc/group
+    itself is detached the moment a groupadd or useradd renames a new file over the host's.
+    """
 
     group: dict[str, Path] = {}
 
@@ -251,8 +258,11 @@ class WithOwnGroups(LocalTree):
         node = f"n{mode[1]}" if mode[:1] == ("-myId",) else None
         if node not in self.group:
             return argv
-        mount = 'mount --bind "$0" /etc/group && exec "$@"'
-        return ["unshare", "--mount", "sh", "-c", mount, str(self.group[node]), *argv]
+        etc = self.group[node].with_suffix(".etc")
+        shutil.copytree("/etc", etc, symlinks=True, dirs_exist_ok=True)
+        shutil.copyfile(self.group[node], etc / "group")
+        mount = 'mount --bind "$0" /etc && exec "$@"'
+        return ["unshare", "--mount", "sh", "-c", mount, str(etc), *argv]
 
 
 def test_a_group_the_user_lacks_on_a_node_is_refused_there(

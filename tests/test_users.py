@@ -26,10 +26,19 @@ from conftest import Tree, assert_clean_logs, free_port_block, start_tree, wait_
 
 from gproc.deploy.local import LocalTree
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("unshare"),
-    reason="needs root, useradd and unshare: the test creates users and runs a tree as root",
-)
+# Modules that add and remove users run in one pytest-xdist worker, one after another (tox
+# passes --dist loadgroup): a useradd or userdel in another worker, while a test here looks a
+# user up or has a node bind-mount its own /etc/group, made tests fail now and then (a uid
+# briefly without a name; a mount detached when the host's file was renamed over).
+USERS_GROUP = pytest.mark.xdist_group("users")
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("unshare"),
+        reason="needs root, useradd and unshare: the test creates users and runs a tree as root",
+    ),
+    USERS_GROUP,
+]
 
 
 @dataclass(frozen=True)
