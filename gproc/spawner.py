@@ -294,9 +294,8 @@ class Launcher:
         del self.starting[fd]
         self.poll.unregister(fd)
         os.close(fd)
-        if failure:
-            if status is None:
-                os.waitpid(pid, 0)  # it exits at once: never report it as a job
+        if failure:  # it exits now; reap() takes it then, never reported as a job (a wait
+            # here could block: after the drop to the user, she may stop it before it exits)
             step, code, text = marshal.loads(failure)
             self.send(("failed", tag, step, code, text))
             return
@@ -318,8 +317,9 @@ class Launcher:
             if report is not None:  # dead before we saw its exec: answer the start first
                 self.report(report, status)
                 continue
-            self.jobs.discard(pid)
-            self.send(("exit", pid, status))
+            if pid in self.jobs:
+                self.jobs.discard(pid)
+                self.send(("exit", pid, status))
 
     def send(self, answer: tuple) -> None:
         body = marshal.dumps(answer)

@@ -24,10 +24,16 @@ from harness.waiting import wait_until as wait_until  # noqa: E402 - re-exported
 
 
 def free_port_block(count: int) -> int:
-    """A base port such that base..base+count are all free on loopback right now."""
+    """A base port such that base..base+count are all free on loopback right now.
+
+    Below the kernel's ephemeral range: a port there that is free now may be the local end of
+    another tree's new connection by the time the daemon binds it (a daemon of a tree then
+    failed with "address already in use" and never registered).
+    """
     rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
+    top = min(ephemeral_low(), 60000) - count
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
+        base = rng.randrange(max(top - 20000, 1024), top)
         try:
             for port in range(base, base + count + 1):
                 with socket.socket() as s:
@@ -36,6 +42,14 @@ def free_port_block(count: int) -> int:
             continue
         return base
     raise RuntimeError("no free block of ports on loopback")
+
+
+def ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
