@@ -263,6 +263,8 @@ class Job:
 
     async def forward_input(self, data: bytes) -> None:
         """The client's standard input to every open leg, each as its window allows."""
+        if all(leg.done for leg in self.legs.values()):
+            return  # a leaf, or every leg finished: nothing to seal
         body = encode(Input(self.jid, data))
         sealed: Sealed = ((body,), body_digest(body))
         cost = charge(len(data))
