@@ -153,11 +153,14 @@ class Launcher:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
+            # The program comes on standard input, so ps shows a short, named command line.
+            argv = [sys.executable, "-I", "-S", "-", spawner.NAME, str(theirs.fileno())]
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _SOURCE, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
+                [*argv, str(os.getpid())], pass_fds=(theirs.fileno(),), stdin=subprocess.PIPE
             )
+            assert self._proc.stdin is not None
+            with self._proc.stdin:
+                self._proc.stdin.write(_SOURCE)  # a few KiB: within a pipe's buffer
         ours.setblocking(False)
         self._sock = ours
         asyncio.get_running_loop().add_reader(ours.fileno(), self._readable)
@@ -190,8 +193,9 @@ class Launcher:
             if isinstance(e, _SetupFailed):
                 raise _setup_failed(launch, e) from None
             raise
-        job.stdout = await _reader(loop, out_r)
-        job.stderr = await _reader(loop, err_r)
+        # together: on a daemon whose other threads hold the GIL (a job unpacking), every
+        # turn of the loop costs a wait for it
+        job.stdout, job.stderr = await asyncio.gather(_reader(loop, out_r), _reader(loop, err_r))
         if in_w >= 0:
             job.stdin = await _writer(loop, in_w)
         return job
@@ -320,4 +324,4 @@ def _source() -> str:
     return source
 
 
-_SOURCE = _source()
+_SOURCE = _source().encode()

@@ -7,7 +7,8 @@ code run between fork and exec to make the private mount, cost 3.4 ms of CPU per
 machine against 1.0 ms for a fork and exec from an interpreter that imported only what is
 here (``bench/bench_launch.py`` gives the per-launch CPU of the daemons; on 80 nodes that is
 80 times the difference). So the slave starts this module once, as
-``python -I -S -c <this source> SOCKET_FD PARENT_PID``, and hands it each job over a Unix
+``python -I -S - gproc-launcher SOCKET_FD PARENT_PID`` with this source on its standard
+input, and hands it each job over a Unix
 socket: the request (argv, environment, working directory, the private mount, the user) and
 the job's three standard descriptors passed alongside (SCM_RIGHTS). The launcher forks; the
 child makes the job its own session, makes the private mount, becomes the user and execs; the
@@ -47,6 +48,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+NAME = "gproc-launcher"  # in its command line, for ps
 LENGTH = struct.Struct(">I")
 MAX_REQUEST = 64 << 20  # argv and environment past the kernel's own limits are refused anyway
 
@@ -343,4 +345,4 @@ def main(sock_fd: int, parent: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[2]), int(sys.argv[3]))

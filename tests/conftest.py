@@ -140,7 +140,11 @@ def start_tree(
         reconnect=reconnect,
     )
     started = launcher(settings, state=root / "state")
-    started.up(1, nodes, timeout=90, say=lambda _msg: None)  # a deadline: loaded CI is slow
+    try:
+        started.up(1, nodes, timeout=90, say=lambda _msg: None)  # a deadline: loaded CI is slow
+    except BaseException:
+        started.down()  # the daemons that did start would outlive the failed test
+        raise
     return Tree(started, root, nodes)
 
 

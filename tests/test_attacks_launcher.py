@@ -134,7 +134,7 @@ def test_a_bare_program_name_needs_nothing_imported_between_fork_and_exec(
     path (subprocess) searched PATH in the parent. Here the launcher may import nothing once
     started, whoever the job runs as: a bare name must still be found."""
     source = sandbox._SOURCE.replace(
-        '\nif __name__ == "__main__":', '\nsys.path.clear()\nif __name__ == "__main__":'
+        b'\nif __name__ == "__main__":', b'\nsys.path.clear()\nif __name__ == "__main__":'
     )
     assert source != sandbox._SOURCE
     monkeypatch.setattr(sandbox, "_SOURCE", source)

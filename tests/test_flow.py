@@ -19,6 +19,11 @@ import pytest
 from conftest import Tree, assert_clean_logs, labelled, start_tree
 from peers import wait_until
 
+# In the worker of the tests that add users (test_users), one after another: 50,000 files
+# unpacked on 8 nodes load the whole machine, and an echo then timed against a deadline
+# while those tests started trees beside it took up to 30 s twice in five parallel runs.
+pytestmark = pytest.mark.xdist_group("serial")
+
 HEARTBEAT = 1.0
 SILENT = "silent for"
 SEQ = 3_000_000

@@ -30,7 +30,7 @@ from gproc.deploy.local import LocalTree
 # passes --dist loadgroup): a useradd or userdel in another worker, while a test here looks a
 # user up or has a node bind-mount its own /etc/group, made tests fail now and then (a uid
 # briefly without a name; a mount detached when the host's file was renamed over).
-USERS_GROUP = pytest.mark.xdist_group("users")
+USERS_GROUP = pytest.mark.xdist_group("serial")
 
 pytestmark = [
     pytest.mark.skipif(
