@@ -19,9 +19,8 @@ import pytest
 from conftest import Tree, assert_clean_logs, labelled, start_tree
 from peers import wait_until
 
-# In the worker of the tests that add users (test_users), one after another: 50,000 files
-# unpacked on 8 nodes load the whole machine, and an echo then timed against a deadline
-# while those tests started trees beside it took up to 30 s twice in five parallel runs.
+# In one pytest-xdist worker with the other tests that load the whole machine (test_users):
+# 50,000 files unpacked on 8 nodes, and echoes timed against a deadline meanwhile.
 pytestmark = pytest.mark.xdist_group("serial")
 
 HEARTBEAT = 1.0

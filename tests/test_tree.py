@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import Tree, is_root, labelled, start_tree, wait_until
 
+from gproc.deploy.local import LocalTree
+
 ALL = [f"n{i}" for i in range(1, 9)]
 
 
@@ -474,10 +476,31 @@ def test_only_the_masters_user_may_connect_by_default(tree: Tree) -> None:
     assert os.stat(tree.uds).st_mode & 0o777 == 0o600
 
 
-def test_jobs_are_forked_by_the_launcher_not_the_slave(tree: Tree) -> None:
-    """Each slave forks its jobs from a lean launcher process (gproc.spawner), whose own
-    parent is the slave: a job's parent is that launcher on every node."""
-    script = 'tr "\\0\\n" "  " < /proc/$PPID/cmdline | head -c 300; echo; ps -o ppid= -p $PPID'
+class WithLauncher(LocalTree):
+    """Starts the slaves with -launcher."""
+
+    def _gproc(self, *mode: str) -> list[str]:
+        argv = super()._gproc(*mode)
+        return [*argv[:-1], "-launcher", argv[-1]] if argv[-1] == "s" else argv
+
+
+def test_jobs_are_forked_by_the_launcher_not_the_slave(tmp_path: Path) -> None:
+    """With -launcher each slave forks its jobs from a lean launcher process
+    (gproc.spawner), whose own parent is the slave: a job's parent is that launcher on every
+    node. Without it, the slave itself."""
+    with_launcher = start_tree(tmp_path / "with", launcher=WithLauncher)
+    try:
+        _check_parents(with_launcher, launcher=True)
+    finally:
+        with_launcher.launcher.down()
+
+
+def test_without_launcher_the_slave_forks_its_jobs(tree: Tree) -> None:
+    _check_parents(tree, launcher=False)
+
+
+def _check_parents(tree: Tree, launcher: bool) -> None:
+    script = 'tr "\\0\\n" "  " < /proc/$PPID/cmdline; echo; ps -o ppid= -p $PPID'
     r = tree.gproc("e", "./.", "/bin/sh", "-c", script)
     assert r.returncode == 0, r.stderr
     lines: dict[str, list[str]] = {}
@@ -486,5 +509,8 @@ def test_jobs_are_forked_by_the_launcher_not_the_slave(tree: Tree) -> None:
         lines.setdefault(node, []).append(text.strip())
     assert set(lines) == set(ALL)
     for node, (cmdline, grandparent) in lines.items():
-        assert "-I -S - gproc-launcher" in cmdline, (node, cmdline)
-        assert int(grandparent) == tree.pid(node), node
+        if launcher:
+            assert "-I -S - gproc-launcher" in cmdline, (node, cmdline)
+            assert int(grandparent) == tree.pid(node), node
+        else:
+            assert "gproc-launcher" not in cmdline and f"-myId {node[1:]} s" in cmdline, cmdline
