@@ -86,7 +86,7 @@ class TreeStore:
         self._names = itertools.count()
         self._trees: OrderedDict[str, SharedTree] = OrderedDict()  # least recently used first
         shutil.rmtree(self.path, ignore_errors=True)  # a predecessor's: never stamped by us
-        os.mkdir(self.path, 0o700)
+        os.makedirs(self.path, 0o700, exist_ok=True)  # (two daemons on one binRoot: both start)
 
     def take(self, entries: list[Entry], owner: users.RunAs | None) -> SharedTree | None:
         """A tree of ``entries`` owned by ``owner`` (None: as the daemon), held for one job

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import free_port_block
 
+# The trees here run on the default binRoot (/tmp/xproc/nN), so two of them at once share
+# their nodes' directories: one at a time, in the serial pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("serial")
+
 
 def deploy(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
