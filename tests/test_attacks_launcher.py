@@ -15,11 +15,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from test_launcher import alive, finish, launch, wait_until
+from conftest import wait_until
+from test_launcher import alive, finish, launch
+from test_launcher import with_launcher as run
 from test_users import USERS_GROUP, Place, User, place, users
 
 from gproc import sandbox
@@ -34,20 +35,6 @@ needs_users = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("useradd"),
     reason="needs root and useradd: the test creates a user and runs jobs as that user",
 )
-
-
-def run(body: Callable[[sandbox.Launcher], Awaitable[None]]) -> None:
-    """``body`` with a real launcher."""
-
-    async def go() -> None:
-        launcher = sandbox.Launcher()
-        launcher.ensure()
-        try:
-            await asyncio.wait_for(body(launcher), 60)
-        finally:
-            launcher.close()
-
-    asyncio.run(go())
 
 
 def run_as(user: User) -> RunAs:
