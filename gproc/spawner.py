@@ -95,16 +95,32 @@ def enter_private_root(
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     if lower is not None and work is not None:
-        options = f"lowerdir={lower},upperdir={stage},workdir={work}".encode()
-        _check(
-            _libc.mount(b"overlay", bin_root.encode(), b"overlay", 0, options),
-            f"overlay {stage} over {bin_root}",
-        )
+        _overlay(lower, stage, work, bin_root)
         return
     _check(
         _libc.mount(stage.encode(), bin_root.encode(), None, MS_BIND | MS_REC, None),
         f"bind {stage} over {bin_root}",
     )
+
+
+def _overlay(lower: str, stage: str, work: str, bin_root: str) -> None:
+    """Mount an overlay of ``stage`` on ``lower`` over ``bin_root``, volatile where the
+    kernel knows the option.
+
+    A plain overlay syncs its whole upper filesystem when it is unmounted, which happens
+    when the job's last process exits and its mount namespace goes. The upper layer is the
+    job's staging, removed right after, so that sync buys nothing, and it made every job
+    wait for every dirty page on binRoot's filesystem: an 8-node echo took 2-4 s while
+    another job unpacked 50,000 files beside it, its processes waiting in the kernel for
+    writeback (tests/test_flow.py). ``volatile`` (Linux 5.10) skips the sync; an older
+    kernel refuses it (EINVAL) and gets the plain overlay.
+    """
+    options = f"lowerdir={lower},upperdir={stage},workdir={work}"
+    target = bin_root.encode()
+    ret = _libc.mount(b"overlay", target, b"overlay", 0, (options + ",volatile").encode())
+    if ret != 0 and ctypes.get_errno() == errno.EINVAL:
+        ret = _libc.mount(b"overlay", target, b"overlay", 0, options.encode())
+    _check(ret, f"overlay {stage} over {bin_root}")
 
 
 def become(uid: int, gid: int, groups: list[int] | tuple[int, ...]) -> None:

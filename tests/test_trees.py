@@ -94,3 +94,21 @@ def test_a_job_that_rewrites_its_cached_files_does_not_change_the_next_job(tree:
     assert third.returncode == 0, third.stderr
     assert set(map(tuple, labelled(third.stdout).values())) == {("original",)}
     assert (data / "words").read_text() == "original\n", "the front-end's file, untouched"
+
+
+@pytest.mark.skipif(not is_root, reason="an overlay over binRoot needs root (CI runs as root)")
+def test_a_jobs_overlay_is_volatile(tree: Tree) -> None:
+    """A job on a shared tree runs in an overlay mounted ``volatile``: a plain one syncs binRoot's
+    whole filesystem when the job's namespace goes, so every job's exit waited for every dirty
+    page another job had written (an echo took seconds beside a job unpacking 50,000 files)."""
+    show = ["e", "./.", "/bin/cat", "/proc/self/mountinfo"]
+    assert tree.gproc(*show).returncode == 0  # the first run caches /bin/cat and its libraries
+    r = tree.gproc(*show)
+    assert r.returncode == 0, r.stderr
+    nodes = labelled(r.stdout)
+    assert sorted(nodes) == [f"n{i}" for i in range(1, 9)], r.stdout[-2000:]
+    for node, lines in nodes.items():
+        root = f"{tree.bin_root}/{node}"
+        overlays = [line for line in lines if f" {root} " in line and " - overlay " in line]
+        assert overlays, f"{node}: no overlay on {root}:\n" + "\n".join(lines)
+        assert all("volatile" in line.split(" - ")[1] for line in overlays), overlays
