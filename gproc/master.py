@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import resource
@@ -124,12 +125,35 @@ class Master:
         self._claim_path()
         old = os.umask(0o177)
         try:
-            self.uds_server = await wire.start_unix_server(self._client, self.uds)
+            # asyncio accepts up to `backlog` connections per turn of the loop, and a refused
+            # one holds its descriptor for a turn or two more: with the default (100), one
+            # user's flood of connections refused at the per-user limit filled every
+            # descriptor of a master limited to 256, and the next user's name lookup (which
+            # opens /etc/passwd) failed. A client whose connect finds the backlog full waits.
+            self.uds_server = await wire.start_unix_server(
+                self._client, self.uds, backlog=self.per_user
+            )
         finally:
             os.umask(old)
         if self.allow.kind == "group":
             os.chown(self.uds, -1, self.allow.gid)
         os.chmod(self.uds, self.allow.mode)
+
+    def _nameless(self, uid: int) -> str:
+        """Why a client whose uid has no name is refused: out of descriptors (the lookup
+        could not open the user database: try again), or truly unknown here."""
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY))
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                return (
+                    f"this master has no file descriptor left (of {self.fds}) to look up "
+                    f"uid {uid}; try again in a moment"
+                )
+        return (
+            f"uid {uid} has no name in this front-end's user database, so no node could run "
+            "its jobs"
+        )
 
     def _claim_path(self) -> None:
         """Make the socket's directory if needed (only root or we may change it, else the
@@ -185,12 +209,7 @@ class Master:
                 )
                 return
             name = users.user_name(peer.uid)
-            refusal = (
-                f"uid {peer.uid} has no name in this front-end's user database, so no node "
-                "could run its jobs"
-                if name is None
-                else self.allow.refusal(peer, name)
-            )
+            refusal = self._nameless(peer.uid) if name is None else self.allow.refusal(peer, name)
             if refusal is not None:
                 log.warning("client pid %d (%s) refused: %s", peer.pid, name, refusal)
                 await conn.send(Error(refusal))

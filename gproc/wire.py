@@ -224,7 +224,7 @@ async def start_server(handler: Handler, host: str, port: int, **kw: Any) -> asy
     return await loop.create_server(lambda: FrameProtocol(loop, handler), host, port, **kw)
 
 
-async def start_unix_server(handler: Handler, path: str) -> asyncio.Server:
+async def start_unix_server(handler: Handler, path: str, **kw: Any) -> asyncio.Server:
     """As asyncio.start_unix_server, with a FrameReader."""
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: FrameProtocol(loop, handler), path)
+    return await loop.create_unix_server(lambda: FrameProtocol(loop, handler), path, **kw)
