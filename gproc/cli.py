@@ -85,7 +85,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
     flag(
         "launcher",
         "s: fork jobs from a small launcher process, which costs a node less CPU per job than "
-        "forking the daemon (default false: the daemon forks them; see README)",
+        "forking the daemon (default true; -launcher=false forks them from the daemon)",
     )
     flag("localbin", "run the node's own program instead of shipping it")
     add("debug", "log level 0-10 (0 warnings only, 1+ info, 5+ debug)", type=int, metavar="N")
@@ -198,7 +198,7 @@ def add_switches(p: argparse.ArgumentParser, default: object = None) -> None:
 
 DEFAULTS = {
     "p": True,
-    "launcher": False,
+    "launcher": True,
     "localbin": False,
     "debug": 0,
     "f": "",

@@ -1,9 +1,8 @@
 """Starting a job's program on a node, optionally in a private mount namespace.
 
-A job is forked by the slave itself or, with ``-launcher``, by the launcher (gproc.spawner),
-a lean process the slave starts once and talks to over a Unix socket, so a job costs a fork
-of a small interpreter instead of one of the whole daemon (off by default: see the README's
-``-launcher`` row for what it costs a busy daemon's new jobs). Either way the private
+A job is forked by the launcher (gproc.spawner), a lean process the slave starts once and
+talks to over a Unix socket, so a job costs a fork of a small interpreter instead of one of
+the whole daemon, or with ``-launcher=false`` by the slave itself. Either way the private
 mount is set up in the child between fork and exec (gproc.spawner.child_setup): a new mount
 namespace (plus a user namespace when not root), every mount made private so nothing
 propagates back, and the job's staging directory bind-mounted over binRoot. When the last

@@ -72,7 +72,7 @@ class NodeConfig:
     name: str
     bin_root: str
     cache_bytes: int = 512 << 20
-    launcher: bool = False  # fork jobs from a lean launcher process (gproc.spawner)
+    launcher: bool = True  # fork jobs from a lean launcher process (gproc.spawner)
 
     @property
     def stage_root(self) -> str:

@@ -6,7 +6,7 @@ of gproc (asyncio, msgpack, ...; about 30 MB resident), so a job forked from it,
 code run between fork and exec to make the private mount, cost 3.4 ms of CPU per job on this
 machine against 1.0 ms for a fork and exec from an interpreter that imported only what is
 here (``bench/bench_launch.py`` gives the per-launch CPU of the daemons; on 80 nodes that is
-80 times the difference). So a slave given ``-launcher`` starts this module once, as
+80 times the difference). So a slave (unless given ``-launcher=false``) starts this module once, as
 ``python -I -S - gproc-launcher SOCKET_FD PARENT_PID`` with this source on its standard
 input, and hands it each job over a Unix socket: the request (argv, environment, working
 directory, the private mount, the user) and the job's three standard descriptors passed
@@ -16,8 +16,7 @@ launcher answers with the pid, or with why the program could not start, and late
 exit status, since the job is the launcher's child.
 
 Only the standard library's lightest modules are imported here, and nothing from gproc: the
-same functions run in the slave too when it forks a job itself (without ``-launcher``, the
-default).
+same functions run in the slave too when it forks a job itself (with ``-launcher=false``).
 
 The framing, both ways: a 4-byte big-endian length, then a ``marshal`` tuple. The socket is a
 private socketpair between a root daemon and its own child, so marshal's trust in its input

@@ -476,27 +476,26 @@ def test_only_the_masters_user_may_connect_by_default(tree: Tree) -> None:
     assert os.stat(tree.uds).st_mode & 0o777 == 0o600
 
 
-class WithLauncher(LocalTree):
-    """Starts the slaves with -launcher."""
+class WithoutLauncher(LocalTree):
+    """Starts the slaves with -launcher=false."""
 
     def _gproc(self, *mode: str) -> list[str]:
         argv = super()._gproc(*mode)
-        return [*argv[:-1], "-launcher", argv[-1]] if argv[-1] == "s" else argv
+        return [*argv[:-1], "-launcher=false", argv[-1]] if argv[-1] == "s" else argv
 
 
-def test_jobs_are_forked_by_the_launcher_not_the_slave(tmp_path: Path) -> None:
-    """With -launcher each slave forks its jobs from a lean launcher process
-    (gproc.spawner), whose own parent is the slave: a job's parent is that launcher on every
-    node. Without it, the slave itself."""
-    with_launcher = start_tree(tmp_path / "with", launcher=WithLauncher)
+def test_jobs_are_forked_by_the_launcher_not_the_slave(tree: Tree) -> None:
+    """Each slave forks its jobs from a lean launcher process (gproc.spawner), whose own
+    parent is the slave: a job's parent is that launcher on every node."""
+    _check_parents(tree, launcher=True)
+
+
+def test_without_launcher_the_slave_forks_its_jobs(tmp_path: Path) -> None:
+    without = start_tree(tmp_path / "without", launcher=WithoutLauncher)
     try:
-        _check_parents(with_launcher, launcher=True)
+        _check_parents(without, launcher=False)
     finally:
-        with_launcher.launcher.down()
-
-
-def test_without_launcher_the_slave_forks_its_jobs(tree: Tree) -> None:
-    _check_parents(tree, launcher=False)
+        without.launcher.down()
 
 
 def _check_parents(tree: Tree, launcher: bool) -> None:
@@ -513,4 +512,5 @@ def _check_parents(tree: Tree, launcher: bool) -> None:
             assert "-I -S - gproc-launcher" in cmdline, (node, cmdline)
             assert int(grandparent) == tree.pid(node), node
         else:
-            assert "gproc-launcher" not in cmdline and f"-myId {node[1:]} s" in cmdline, cmdline
+            assert "gproc-launcher" not in cmdline and f"-myId {node[1:]} " in cmdline, cmdline
+            assert cmdline.endswith(" s"), cmdline
