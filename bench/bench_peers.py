@@ -17,9 +17,11 @@ tool sees the same machine:
   multiple of the file. Every copy is checked (size and sha256 on each node) and removed;
 - correctness: each tool's ``hostname`` output on 80 nodes, self-labelled (``kn7: kn7``).
 
-It prints one table (median, min, max, front-end bytes, peer time / gproc time) and the
-issue's goals, each met or missed. A missed goal is not an error (exit 0); a tool that fails
-or prints the wrong output is (exit 1, naming it). Slurm and munge are stopped and their files
+It prints one table (median, min, max, front-end bytes, peer time / gproc time, and the CPU
+the whole cluster spent: every container's cgroup, read on the host, so the daemons, the
+jobs and the kernel's work for them all count) and the issue's goals, each met or missed.
+A missed goal is not an error (exit 0); a tool that fails or prints the wrong output is
+(exit 1, naming it). Slurm and munge are stopped and their files
 removed afterwards, also on errors and Ctrl-C: the containers are left as they were found.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,6 +96,73 @@ class Run:
 
 
 @dataclass
+class Cpu:
+    """CPU seconds spent during one run: by every container, and by the front-end alone.
+
+    The front-end's share includes the benchmark's own timer (a python3 started by
+    ``docker exec``, about the same for every tool)."""
+
+    total: float
+    front: float
+
+
+class CpuMeter:
+    """Reads the CPU time of every container of the cluster from its cgroup on the host.
+
+    On 2 cores shared by 81 containers a run's wall time follows the CPU all of them spend,
+    so this is where the time of a tool goes. cgroup v1 (``cpuacct.usage``, nanoseconds) and
+    v2 (``cpu.stat``'s ``usage_usec``), with the cgroupfs or the systemd driver; where no
+    file is readable (another engine, a rootless one) the column says ``-``.
+    """
+
+    def __init__(self, cluster: Cluster):
+        self.files: dict[str, Path] = {}
+        for box in cluster.containers():
+            found = _cgroup_cpu_file(box.id)
+            if found is not None:
+                self.files[box.name] = found
+        self.front = cluster.container_name(cluster.require_plan().front_end)
+        if self.front not in self.files or len(self.files) < 81:
+            self.files = {}
+
+    def read(self) -> dict[str, float] | None:
+        """CPU seconds so far, by container name; None where cgroups are not readable."""
+        if not self.files:
+            return None
+        try:
+            return {name: _cpu_seconds(path) for name, path in self.files.items()}
+        except (OSError, ValueError):
+            return None
+
+    def spent(self, before: dict[str, float] | None) -> Cpu | None:
+        after = self.read()
+        if before is None or after is None:
+            return None
+        used = {name: after[name] - before[name] for name in after}
+        return Cpu(sum(used.values()), used[self.front])
+
+
+def _cgroup_cpu_file(cid: str) -> Path | None:
+    for path in (
+        f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage",
+        f"/sys/fs/cgroup/cpu,cpuacct/docker/{cid}/cpuacct.usage",
+        f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat",
+        f"/sys/fs/cgroup/docker/{cid}/cpu.stat",
+    ):
+        if os.access(path, os.R_OK):
+            return Path(path)
+    return None
+
+
+def _cpu_seconds(path: Path) -> float:
+    text = path.read_text()
+    if path.name == "cpuacct.usage":
+        return int(text) / 1e9
+    usec = next(line.split()[1] for line in text.splitlines() if line.startswith("usage_usec"))
+    return int(usec) / 1e6
+
+
+@dataclass
 class Row:
     """One line of the table: a tool doing one thing, over all runs."""
 
@@ -101,9 +171,22 @@ class Row:
     ref: str | None  # the gproc row it is compared with, if any
     times: list[float] = field(default_factory=list)
     sent: list[int] = field(default_factory=list)
+    cpu: list[Cpu] = field(default_factory=list)
 
     def median(self) -> float:
         return statistics.median(self.times)
+
+    def note_cpu(self, cpu: Cpu | None) -> None:
+        if cpu is not None:
+            self.cpu.append(cpu)
+
+    def cpu_cells(self, nodes: int) -> str:
+        """Median CPU of the whole cluster (s), and of a node besides the front-end (ms)."""
+        if not self.cpu:
+            return f"{'-':>7} {'-':>8}"
+        total = statistics.median(c.total for c in self.cpu)
+        node = statistics.median((c.total - c.front) / nodes for c in self.cpu)
+        return f"{total:6.2f}s {node * 1e3:6.1f}ms"
 
 
 # ---------------------------------------------------------------------- running commands
@@ -420,6 +503,7 @@ def verify_and_clean(cluster: Cluster, tool: str, copy: Copy, digest: str, size:
 
 def measure(cluster: Cluster, runs: int, mib: int) -> list[Row]:
     """Launch and data rows, every tool taking its turn in each run."""
+    meter = CpuMeter(cluster)
     launches = launch_commands()
     rows = {
         t: Row(t, "launch /bin/true, 80 nodes", None if t == "gproc" else "gproc") for t in launches
@@ -428,7 +512,9 @@ def measure(cluster: Cluster, runs: int, mib: int) -> list[Row]:
         timed(cluster, argv, f"{tool} launch (warm-up)")
     for _ in range(runs):
         for tool, argv in launches.items():
+            before = meter.read()
             rows[tool].times.append(timed(cluster, argv, f"{tool} launch").took)
+            rows[tool].note_cpu(meter.spent(before))
     copies = copy_commands()
     for tool, copy in copies.items():
         what = f"{mib} MiB to " + ("one rack (20 nodes)" if copy.nodes == "rack" else "80 nodes")
@@ -437,7 +523,9 @@ def measure(cluster: Cluster, runs: int, mib: int) -> list[Row]:
     for _ in range(runs):
         for tool, copy in copies.items():
             digest = fresh_file(cluster, mib)
+            before = meter.read()
             run = timed(cluster, copy.argv, tool, copy.prefix)
+            rows[tool].note_cpu(meter.spent(before))
             verify_and_clean(cluster, tool, copy, digest, mib * MIB)
             rows[tool].times.append(run.took)
             rows[tool].sent.append(run.sent)
@@ -450,13 +538,17 @@ def measure(cluster: Cluster, runs: int, mib: int) -> list[Row]:
 def table(rows: list[Row], mib: int) -> str:
     """One line per row: tool, what, median/min/max, front-end bytes, ratio to gproc."""
     by_tool = {r.tool: r for r in rows}
-    head = f"{'tool':14} {'what':30} {'median':>8} {'min':>8} {'max':>8}  {'fe sent':>8}  ratio"
+    head = (
+        f"{'tool':14} {'what':30} {'median':>8} {'min':>8} {'max':>8}  {'fe sent':>8}  "
+        f"{'ratio':>6}  {'cpu all':>7} {'per node':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         sent = f"{statistics.median(r.sent) / (mib * MIB):7.2f}x" if r.sent else f"{'-':>8}"
         ratio = f"{r.median() / by_tool[r.ref].median():6.1f}x" if r.ref else "     -"
         cells = " ".join(f"{v:7.2f}s" for v in (r.median(), min(r.times), max(r.times)))
-        lines.append(f"{r.tool:14} {r.what:30} {cells}  {sent}  {ratio}")
+        nodes = 20 if "one rack" in r.what else 80
+        lines.append(f"{r.tool:14} {r.what:30} {cells}  {sent}  {ratio}  {r.cpu_cells(nodes)}")
     return "\n".join(lines)
 
 
@@ -485,6 +577,10 @@ def goals(rows: list[Row]) -> list[tuple[str, bool, str]]:
 
 def report(rows: list[Row], checks: dict[str, str | None], mib: int, runs: int) -> None:
     print(f"\n{runs} runs each, taking turns; fe sent = front-end tx bytes / file size")
+    print(
+        "cpu all = CPU of every container during the run (median); per node = that less the "
+        "front-end's, per node reached"
+    )
     print(table(rows, mib))
     print("\ncorrectness (hostname on 80 nodes, self-labelled):")
     for tool, problem in checks.items():
