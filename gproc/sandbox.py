@@ -76,7 +76,7 @@ def _setup_failed(launch: Launch, why: object) -> SandboxError | OSError:
 
 
 async def start(launch: Launch) -> asyncio.subprocess.Process:
-    """The slave itself forks and execs the program (the default); as Launcher.start."""
+    """The slave itself forks and execs the program (``-launcher=false``); as Launcher.start."""
     daemon = os.getpid()  # the child's parent, which it checks is still there
     try:
         return await asyncio.create_subprocess_exec(

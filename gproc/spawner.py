@@ -6,14 +6,14 @@ of gproc (asyncio, msgpack, ...; about 30 MB resident), so a job forked from it,
 code run between fork and exec to make the private mount, cost 3.4 ms of CPU per job on this
 machine against 1.0 ms for a fork and exec from an interpreter that imported only what is
 here (``bench/bench_launch.py`` gives the per-launch CPU of the daemons; on 80 nodes that is
-80 times the difference). So a slave (unless given ``-launcher=false``) starts this module once, as
-``python -I -S - gproc-launcher SOCKET_FD PARENT_PID`` with this source on its standard
-input, and hands it each job over a Unix socket: the request (argv, environment, working
-directory, the private mount, the user) and the job's three standard descriptors passed
-alongside (SCM_RIGHTS). The launcher forks; the
-child makes the job its own session, makes the private mount, becomes the user and execs; the
-launcher answers with the pid, or with why the program could not start, and later with its
-exit status, since the job is the launcher's child.
+80 times the difference). So a slave (unless given ``-launcher=false``) starts this module
+once, as ``python -I -S - gproc-launcher SOCKET_FD PARENT_PID`` with this source on its
+standard input, and hands it each job over a Unix socket: the request (argv, environment,
+working directory, the private mount, the user) and the job's three standard descriptors
+passed alongside (SCM_RIGHTS). The launcher forks; the child makes the job its own session,
+makes the private mount, becomes the user and execs; the launcher answers with the pid, or
+with why the program could not start, and later with its exit status, since the job is the
+launcher's child.
 
 Only the standard library's lightest modules are imported here, and nothing from gproc: the
 same functions run in the slave too when it forks a job itself (with ``-launcher=false``).
