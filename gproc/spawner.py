@@ -259,6 +259,8 @@ class Launcher:
                         self.report(fd)
                     elif fd == self.sock.fileno() and not self.take():
                         return
+        except (ConnectionResetError, BrokenPipeError):
+            return  # the daemon closed its end with our answers unread (it was killed)
         finally:  # the daemon is gone: so is every job it started
             for _, pid, _ in self.starting.values():
                 _kill(os.kill, pid)

@@ -7,9 +7,13 @@ say what failed, and no job outlives the launcher or the slave.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import marshal
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from gproc import sandbox
+from gproc import sandbox, spawner
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -206,3 +210,51 @@ def test_a_slave_killed_outright_leaves_no_launcher_and_no_job() -> None:
         slave.wait()
     wait_until(lambda: not alive(job), 30, "the job outlived its slave")
     wait_until(lambda: not alive(launcher), 30, "the launcher outlived its slave")
+
+
+def test_a_slave_gone_with_answers_unread_ends_the_launcher_quietly() -> None:
+    """A slave whose end of the socket closes with the launcher's answers still unread (it
+    was killed) makes the launcher's next read fail with ECONNRESET, not EOF: that left a
+    traceback in a killed node's log. The launcher ends as on EOF, quietly, with its jobs."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        argv = [sys.executable, "-I", "-S", "-", spawner.NAME, str(theirs.fileno())]
+        proc = subprocess.Popen(
+            [*argv, str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdin is not None
+        with proc.stdin:
+            proc.stdin.write(sandbox._SOURCE)
+    try:
+        first = _ask(ours, 1)
+        size = spawner.LENGTH.size + int.from_bytes(first[:4], "big")
+        answer = marshal.loads(first[spawner.LENGTH.size : size])
+        assert answer[:2] == ("started", 1), answer
+        _ask(ours, 2)  # its answer is left unread
+        ours.close()
+        assert proc.wait(30) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+        wait_until(lambda: not alive(answer[2]), 30, "a job outlived its launcher")
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ask(sock: socket.socket, tag: int) -> bytes:
+    """Send the launcher a request for ``sleep 600``; what it answered, once it has, unread."""
+    body = marshal.dumps(("run", tag, ["sleep", "600"], ENV, "/", None, None, None, None))
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        fds = array.array("i", [null] * 3)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        sock.sendmsg([spawner.LENGTH.pack(len(body)) + body], rights)
+    finally:
+        os.close(null)
+    readable, _, _ = select.select([sock], [], [], 30)
+    assert readable, f"no answer to request {tag}"
+    return sock.recv(4096, socket.MSG_PEEK) if tag > 1 else sock.recv(4096)
