@@ -6,13 +6,17 @@ Brings up the 80-node KANE cluster once and, for each version of gproc (this che
 ``--before``'s if given, taking turns run by run so both see the same machine), times
 ``gproc e -f big.bin SPEC /bin/true`` with a fresh random file each time (no node has it
 cached) to one rack (``1/.``, 20 nodes) and to all 80 (``./.``), and launches of
-``/bin/true`` on all 80. It prints medians and the ratio of this checkout to the other.
-Timings are taken in the front-end container, as a user there sees them.
+``/bin/true`` on all 80. It prints medians of the wall time and of the CPU the whole cluster
+spent (every container's cgroup, read as ``bench_peers.py`` reads it: on 2 cores shared by
+81 containers, a change can cut the CPU well before the wall time shows it), and the ratio
+of this checkout to the other. Timings are taken in the front-end container, as a user
+there sees them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_harness import MIB, timed  # noqa: E402
+from bench_peers import CpuMeter  # noqa: E402
 
 from harness.cluster import Cluster, run_dir  # noqa: E402
 from harness.images import build_images  # noqa: E402
@@ -56,10 +61,28 @@ def _env(checkout: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(checkout))
 
 
-def ship(cluster: Cluster, spec: str, mib: int) -> float:
+def ship(cluster: Cluster, meter: CpuMeter, spec: str, mib: int) -> tuple[float, float]:
+    """Wall time and the cluster's CPU (s) of one ``-f`` of a fresh file to ``spec``."""
     cluster.exec(["sh", "-c", f"head -c {mib * MIB} /dev/urandom > /root/big.bin"])
+    before = meter.read()
     (took,) = timed(cluster, 1, "gproc", "e", "-f", "big.bin", spec, "/bin/true")
-    return took
+    return took, _cpu(meter, before)
+
+
+def launches(cluster: Cluster, meter: CpuMeter, runs: int) -> tuple[list[float], float]:
+    """Wall times of ``runs`` launches of /bin/true on 80 nodes, and the cluster's CPU per
+    launch (s)."""
+    true = ("gproc", "e", "./.", "/bin/true")
+    timed(cluster, 1, *true)  # the nodes cache /bin/true's files
+    before = meter.read()
+    times = timed(cluster, runs, *true)
+    return times, _cpu(meter, before) / runs
+
+
+def _cpu(meter: CpuMeter, before: dict[str, float] | None) -> float:
+    """CPU seconds of every container since ``before``; NaN where cgroups cannot be read."""
+    spent = meter.spent(before)
+    return spent.total if spent is not None else math.nan
 
 
 def main() -> int:
@@ -75,17 +98,20 @@ def main() -> int:
     cluster = Cluster("gproc")
     build_images(cluster.client)
     cluster.up(nodes=80)
+    meter = CpuMeter(cluster)
     results: dict[str, dict[str, list[float]]] = {v: {} for v in versions}
+    cpu: dict[str, dict[str, list[float]]] = {v: {} for v in versions}
     try:
         for _ in range(args.runs):
             for name, checkout in versions.items():
                 install(cluster, checkout)
-                row = results[name]
-                row.setdefault("rack", []).append(ship(cluster, "1/.", args.mib))
-                row.setdefault("all", []).append(ship(cluster, "./.", args.mib))
-                true = ("gproc", "e", "./.", "/bin/true")
-                timed(cluster, 1, *true)  # the nodes cache /bin/true's files
-                row.setdefault("launch", []).extend(timed(cluster, 5, *true))
+                for key, spec in (("rack", "1/."), ("all", "./.")):
+                    took, spent = ship(cluster, meter, spec, args.mib)
+                    results[name].setdefault(key, []).append(took)
+                    cpu[name].setdefault(key, []).append(spent)
+                times, spent = launches(cluster, meter, 5)
+                results[name].setdefault("launch", []).extend(times)
+                cpu[name].setdefault("launch", []).append(spent)
     finally:
         if not args.keep:
             cluster.down(quiet=True)
@@ -94,15 +120,15 @@ def main() -> int:
         "all": f"-f {args.mib} MiB to 80 nodes (./.)",
         "launch": "launch /bin/true on 80 nodes (./.)",
     }
+    print("wall: median time; cpu: median CPU of every container in the cluster per run")
     for key, label in labels.items():
-        cells = [f"{name} {statistics.median(r[key]):6.2f} s" for name, r in results.items()]
-        line = f"{label:42}  " + "   ".join(cells)
-        if "before" in results:
-            ratio = statistics.median(results["this"][key]) / statistics.median(
-                results["before"][key]
-            )
-            line += f"   this/before {ratio:4.2f}"
-        print(line)
+        for what, figures in (("wall", results), ("cpu", cpu)):
+            med = {name: statistics.median(f[key]) for name, f in figures.items()}
+            cells = [f"{name} {value:6.2f} s" for name, value in med.items()]
+            line = f"{label:42} {what:4}  " + "   ".join(cells)
+            if "before" in med:
+                line += f"   this/before {med['this'] / med['before']:4.2f}"
+            print(line)
     return 0
 
 
