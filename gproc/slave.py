@@ -17,12 +17,12 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from gproc import copying, nodespec, pidfile, sandbox, trees, users, wire
+from gproc import copying, diskwork, nodespec, pidfile, sandbox, trees, users, wire
 from gproc.bundle import BundleError, Unpacker, check_manifest
 from gproc.cache import BlobCache
 from gproc.protocol import (
@@ -53,6 +53,7 @@ from gproc.stream import HEARTBEAT, Conn, Window, charge, keep_alive, within
 from gproc.trees import SharedTree, TreeStore
 
 log = logging.getLogger("gproc.slave")
+T = TypeVar("T")
 
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
@@ -73,6 +74,7 @@ class NodeConfig:
     bin_root: str
     cache_bytes: int = 512 << 20
     launcher: bool = True  # fork jobs from a lean launcher process (gproc.spawner)
+    in_memory: bool = False  # binRoot, staging, cache in RAM: small file steps run at once
 
     @property
     def stage_root(self) -> str:
@@ -150,7 +152,8 @@ class NodeRun(LocalRunner):
 
     Every step that touches the disk (checking the manifest, making the staging tree, copying
     cached files, writing chunks, removing the staging tree) runs in a worker thread, so the
-    daemon keeps relaying and answering heartbeats while a large job unpacks.
+    daemon keeps relaying and answering heartbeats while a large job unpacks; on a staging in
+    memory, a small step runs at once, where the thread costs more than it (gproc.diskwork).
 
     A private job whose files are all cached (the same program run again) gets no copies: a
     shared tree of them (gproc.trees) is its overlay's lower layer, its empty staging
@@ -245,7 +248,7 @@ class NodeRun(LocalRunner):
     async def _prepare(self) -> frozenset[int]:
         if not self.error:
             try:
-                self.unpacker = await asyncio.to_thread(self._unpacker)
+                self.unpacker = await self._step(len(self.header.manifest), self._unpacker)
             except users.UserRefused as e:
                 self.error = str(e)
             except (BundleError, OSError) as e:
@@ -315,12 +318,12 @@ class NodeRun(LocalRunner):
         if not wanted:
             return
         unpacker = self.unpacker
-        self.writing = asyncio.ensure_future(asyncio.to_thread(self._write, unpacker, wanted))
+        self.writing = self._step(len(wanted), self._write, unpacker, wanted)
         try:
             await self.writing
         except (BundleError, OSError) as e:
             self.error = f"bundle refused: {e}"
-            await asyncio.to_thread(unpacker.abort)
+            await self._step(len(self.header.manifest), unpacker.abort)
         finally:
             self.writing = None
         if self.killed:
@@ -453,8 +456,13 @@ class NodeRun(LocalRunner):
     async def _cleanup(self) -> None:
         unpacker, self.unpacker = self.unpacker, None
         t = time.perf_counter()
-        await asyncio.to_thread(self._remove, unpacker)  # one trip to a worker thread
+        await self._step(len(self.header.manifest), self._remove, unpacker)
         log.debug("job %s: cleaned up in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3)
+
+    def _step(self, size: int, work: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """A file step of ``size`` frames or files: at once on a small one where staging is
+        in memory, else in a worker thread (gproc.diskwork says why)."""
+        return diskwork.step(self.node.in_memory and size <= diskwork.SMALL_STEP, work, *args)
 
     def _remove(self, unpacker: Unpacker | None) -> None:
         """What the job left on disk: a half-written bundle, and the staging directory."""
@@ -630,6 +638,8 @@ class Slave:
         for directory in (self.node.bin_root, self.node.stage_root, self.node.cache_root):
             await asyncio.to_thread(users.claim_dir, directory, "-binRoot")
         await asyncio.to_thread(_empty, self.node.stage_root)  # a killed predecessor's leftovers
+        roots = (self.node.bin_root, self.node.stage_root, self.node.cache_root)
+        self.node = replace(self.node, in_memory=all(map(diskwork.in_memory, roots)))
         if self.node.cache_bytes > 0:
             root, size = Path(self.node.cache_root), self.node.cache_bytes
             self.cache = await asyncio.to_thread(BlobCache, root, size)
