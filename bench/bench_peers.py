@@ -17,6 +17,12 @@ tool sees the same machine:
   multiple of the file. Every copy is checked (size and sha256 on each node) and removed;
 - correctness: each tool's ``hostname`` output on 80 nodes, self-labelled (``kn7: kn7``).
 
+Beside the tools, the data section has the floor: ``bare_tree.py`` (in this directory) sends
+the file down gproc's tree shape with plain sockets and writes, to 80 nodes and to one rack,
+with no framing, authentication, digest or flow control. What it takes is about the least any
+copy through this tree can take on these containers, so it says how far a goal is from what
+the harness allows at all; it is printed under the goals.
+
 It prints one table (median, min, max, front-end bytes, peer time / gproc time, and the CPU
 the whole cluster spent: every container's cgroup, read on the host, so the daemons, the
 jobs and the kernel's work for them all count) and the issue's goals, each met or missed.
@@ -64,6 +70,9 @@ SRUN = ["srun", "-N80", "-n80"]
 READY = 120.0  # seconds for Slurm to show every node idle
 FRONT_TOOLS = ("pdsh", "pdcp", "clush", "munged", "slurmctld", "srun", "sbcast", "salloc")
 NODE_TOOLS = ("pdcp", "munged", "slurmd")
+BARE = f"{WORK}/bare_tree.py"  # the floor: see bare_tree.py's docstring
+BARE_PORT = 7999
+BARE_TREES = {"all": f"{WORK}/tree-all.json", "rack": f"{WORK}/tree-rack.json"}
 
 # Run on the front-end: time one command, capture its output, count the bytes sent.
 TIMER = """
@@ -312,6 +321,10 @@ runuser -u munge -- /usr/sbin/munged --key-file={MUNGE_DIR}/munge.key \
   --log-file={MUNGE_DIR}/munged.log
 """
 START_SLURMD = f"mkdir -p {WORK}/slurmd && slurmd -f {CONF}"
+START_BARE = (
+    f"setsid python3 {BARE} serve {BARE_PORT} </dev/null >{WORK}/bare_tree.log 2>&1 & "
+    f"echo $! >{WORK}/bare_tree.pid"
+)
 START_SLURMCTLD = f"mkdir -p {WORK}/slurmctld && slurmctld -f {CONF}"
 # Stop what a pid file names (only if it still is that daemon), wait up to 10 s for it.
 STOP = """
@@ -319,6 +332,7 @@ stop() {{ p=$(cat "$1" 2>/dev/null) && grep -q "$2" /proc/$p/cmdline 2>/dev/null
   kill $p; i=0; while kill -0 $p 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
   kill -9 $p 2>/dev/null; }}
 stop {work}/slurmd.pid slurmd; stop {work}/slurmctld.pid slurmctld
+stop {work}/bare_tree.pid bare_tree.py
 stop {munge}/munged.pid munged
 rm -rf {work} {sock} {dest}
 """
@@ -332,18 +346,35 @@ def start_slurm(cluster: Cluster) -> None:
         "slurm.conf": slurm_conf(cluster, cpus).encode(),
         "munge.key": _random_key(),
         "ssh_config": ssh_config(cluster).encode(),
+        "bare_tree.py": (Path(__file__).resolve().parent / "bare_tree.py").read_bytes(),
+        **{Path(path).name: tree.encode() for path, tree in bare_trees(cluster).items()},
     }
     archive = work_archive(files)
     hosts = [plan.front_end, *(n.name for n in plan.nodes)]
 
     def start(host: str) -> Result:
         put_work(cluster, host, archive)
-        daemon = START_SLURMCTLD if host == plan.front_end else START_SLURMD
+        daemon = START_SLURMCTLD if host == plan.front_end else f"{START_BARE}\n{START_SLURMD}"
         return cluster.exec(["sh", "-ec", START_MUNGE + daemon], host=host, timeout=60)
 
     for host, res in zip(hosts, cluster.pool(start, hosts), strict=True):
         must(res, f"starting munged and Slurm on {host} (its logs: {WORK} there)")
     wait_idle(cluster, len(plan.nodes))
+
+
+def bare_trees(cluster: Cluster) -> dict[str, str]:
+    """The bare tree's shape, as gproc's: every rack master with its nodes, and the first
+    rack alone (the nodes ``gproc cp 1/.`` reaches), as JSON by the path it is read from."""
+    plan = cluster.require_plan()
+    racks = {
+        master.address: [node.address for node in plan.children(master.name)]
+        for master in plan.levels()[0]
+    }
+    first = next(iter(racks.items()))
+    return {
+        BARE_TREES["all"]: json.dumps(racks),
+        BARE_TREES["rack"]: json.dumps(dict([first])),
+    }
 
 
 def put_work(cluster: Cluster, host: str, archive: bytes) -> None:
@@ -458,7 +489,13 @@ def copy_commands() -> dict[str, Copy]:
         "clush --copy": Copy([*CLUSH, "--copy", SRC, "--dest", DEST], "all"),
         "sbcast": Copy(["sbcast", "--force", SRC, DEST], "all", prefix=salloc),
         "gproc cp 1/.": Copy(["gproc", "cp", "1/.", SRC, DEST], "rack"),
+        "bare tree": Copy(bare_argv("all"), "all"),
+        "bare tree 1/.": Copy(bare_argv("rack"), "rack"),
     }
+
+
+def bare_argv(nodes: str) -> list[str]:
+    return ["python3", BARE, "send", BARE_TREES[nodes], SRC, DEST, str(BARE_PORT)]
 
 
 def fresh_file(cluster: Cluster, mib: int) -> str:
@@ -517,7 +554,7 @@ def measure(cluster: Cluster, runs: int, mib: int) -> list[Row]:
     for tool, copy in copies.items():
         nodes = 20 if copy.nodes == "rack" else 80
         what = f"{mib} MiB to " + ("one rack (20 nodes)" if nodes == 20 else "80 nodes")
-        ref = None if tool.startswith("gproc") else "gproc cp"
+        ref = None if tool.startswith("gproc") else "gproc cp 1/." if nodes == 20 else "gproc cp"
         rows[tool] = Row(tool, what, ref, nodes=nodes)
     for _ in range(runs):
         for tool, copy in copies.items():
@@ -562,7 +599,7 @@ def goals(rows: list[Row]) -> list[tuple[str, bool, str]]:
     data = [  # cp leaves the file where pdcp and sbcast do; e -f is what the issue timed
         faster(peer, ref, factor)
         for ref in ("gproc cp", "gproc e -f")
-        for peer, factor in (("pdcp", 5), ("clush --copy", 5), ("sbcast", 2))
+        for peer, factor in zip(PEERS, (5, 5, 2), strict=True)
     ]
     return [
         *data,
@@ -571,6 +608,23 @@ def goals(rows: list[Row]) -> list[tuple[str, bool, str]]:
         faster("clush", "gproc", 20),
         faster("srun", "gproc", 5),
     ]
+
+
+def floor(rows: list[Row]) -> list[tuple[str, str]]:
+    """What the bare tree reaches on the goals' measures: (measure, figure)."""
+    med = {r.tool: r.median() for r in rows}
+    bare = med["bare tree"]
+    return [
+        *((f"bare tree faster than {peer}", f"{med[peer] / bare:.1f}x") for peer in PEERS),
+        ("bare tree: 80 nodes / one rack", f"{bare / med['bare tree 1/.']:.2f}x"),
+        *(
+            (f"{tool} / bare tree", f"{med[tool] / bare:.1f}x")
+            for tool in ("gproc cp", "gproc e -f")
+        ),
+    ]
+
+
+PEERS = ("pdcp", "clush --copy", "sbcast")
 
 
 def report(rows: list[Row], checks: dict[str, str | None], mib: int, runs: int) -> None:
@@ -586,6 +640,9 @@ def report(rows: list[Row], checks: dict[str, str | None], mib: int, runs: int) 
     print("\ngoals:")
     for goal, met, got in goals(rows):
         print(f"  {goal:44} {got:>7}  {'met' if met else 'MISSED'}")
+    print("\nthe floor (bare tree: sockets and writes, no framing, MAC, digest or flow control):")
+    for measure, got in floor(rows):
+        print(f"  {measure:44} {got:>7}")
 
 
 def with_slurm(cluster: Cluster, body: Callable[[], None]) -> None:
