@@ -4,7 +4,8 @@ A write to a file system on a disk may wait for the disk: once dirty pages pass 
 limit, the writer is throttled to the device's pace. So a slave hands its file steps
 (checking a manifest and making the staging, writing a batch of chunks, removing the staging)
 to a worker thread, and the loop keeps relaying and answering heartbeats while one job
-waits.
+waits. Making the staging also looks the job's user up, which may wait on a directory
+service, so it always goes to a thread.
 
 On a file system in memory (tmpfs, ramfs: a diskless node's /tmp, the Docker harness) a step
 is copies between memory pages that never wait on a device, and for a small step the trip to
@@ -12,9 +13,10 @@ the thread and back costs more than the step: a futex to wake the worker, the GI
 over and back, the loop woken through its self-pipe. Measured on the harness (32 MiB to 80
 nodes with ``gproc e -f``, a fresh file each run, the CPU of one leaf's container from its
 cgroup): 103 ms with every batch of chunks written in a thread, 88 ms with them written in
-the loop. So there, a step of at most :data:`SMALL_STEP` frames or files runs at once; a
-larger one (a job of many small files, whose batches create thousands of files) still goes
-to a thread, so the loop is never held for long.
+the loop. So there, a batch of at most :data:`SMALL_STEP` chunks is written at once (and a
+failed job of at most as many files removed at once); a larger one (a job of many small
+files, whose batches create thousands of files) still goes to a thread, so the loop is
+never held for long.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-SMALL_STEP = 8  # frames in a batch, or entries of a job, done at once on a file system in RAM
+SMALL_STEP = 8  # chunks in a batch, or files of a job, handled at once on a file system in RAM
 # statfs(2) f_type of the file systems kept in memory (linux/magic.h)
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6

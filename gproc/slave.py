@@ -74,7 +74,7 @@ class NodeConfig:
     bin_root: str
     cache_bytes: int = 512 << 20
     launcher: bool = True  # fork jobs from a lean launcher process (gproc.spawner)
-    in_memory: bool = False  # binRoot, staging, cache in RAM: small file steps run at once
+    in_memory: bool = False  # binRoot, staging, cache in RAM: small writes run at once
 
     @property
     def stage_root(self) -> str:
@@ -153,7 +153,8 @@ class NodeRun(LocalRunner):
     Every step that touches the disk (checking the manifest, making the staging tree, copying
     cached files, writing chunks, removing the staging tree) runs in a worker thread, so the
     daemon keeps relaying and answering heartbeats while a large job unpacks; on a staging in
-    memory, a small step runs at once, where the thread costs more than it (gproc.diskwork).
+    memory, a small batch of chunks is written at once, where the thread costs more than the
+    write (gproc.diskwork).
 
     A private job whose files are all cached (the same program run again) gets no copies: a
     shared tree of them (gproc.trees) is its overlay's lower layer, its empty staging
@@ -248,7 +249,8 @@ class NodeRun(LocalRunner):
     async def _prepare(self) -> frozenset[int]:
         if not self.error:
             try:
-                self.unpacker = await self._step(len(self.header.manifest), self._unpacker)
+                # always a thread: it also looks the user up, which may wait on a directory
+                self.unpacker = await asyncio.to_thread(self._unpacker)
             except users.UserRefused as e:
                 self.error = str(e)
             except (BundleError, OSError) as e:
@@ -456,11 +458,11 @@ class NodeRun(LocalRunner):
     async def _cleanup(self) -> None:
         unpacker, self.unpacker = self.unpacker, None
         t = time.perf_counter()
-        await self._step(len(self.header.manifest), self._remove, unpacker)
+        await asyncio.to_thread(self._remove, unpacker)  # one trip to a worker thread
         log.debug("job %s: cleaned up in %.1f ms", self.jid, (time.perf_counter() - t) * 1e3)
 
     def _step(self, size: int, work: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """A file step of ``size`` frames or files: at once on a small one where staging is
+        """A file step over ``size`` frames or files: at once when it is small and binRoot is
         in memory, else in a worker thread (gproc.diskwork says why)."""
         return diskwork.step(self.node.in_memory and size <= diskwork.SMALL_STEP, work, *args)
 
