@@ -1,7 +1,7 @@
 """The bare tree: a file sent down gproc's tree with nothing but sockets and files.
 
     python3 bare_tree.py serve PORT               on every node, until it is killed
-    python3 bare_tree.py send TREE SRC DEST PORT  on the front-end
+    python3 bare_tree.py send TREE SRC DEST PORT [sha256]  on the front-end
 
 TREE is a JSON file mapping each rack master's address to its nodes' addresses. This is the
 floor that ``bench_peers.py`` prints beside the tools, not a tool: every node reads the file
@@ -9,12 +9,15 @@ from its parent in 1 MiB pieces, writes it to DEST and passes each piece to its 
 (one thread a child), and answers its parent with one byte once its copy is written and
 every child has answered. No framing, no authentication, no digest, no flow control but
 TCP's and no program to run: what any copy through this tree must spend at least, on the
-same containers, network and file systems. Standard library only: it runs in the images as
-they are.
+same containers, network and file systems. With ``sha256`` every node (the front-end too)
+also hashes every piece once, as gproc's nodes check every chunk: the floor with the one
+pass over the bytes that gproc's trust model adds. Standard library only: it runs in the
+images as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -72,15 +75,21 @@ def forward(link: socket.socket, feed: queue.SimpleQueue) -> None:
 
 
 def relay(
-    source, size: int, dest: str, children: dict[str, list[str]], port: int, here: bool
+    source,
+    size: int,
+    dest: str,
+    children: dict[str, list[str]],
+    port: int,
+    here: bool,
+    digest: bool,
 ) -> None:
-    """Read ``size`` bytes from ``source`` (a socket or a file), write them to ``dest`` when
-    ``here``, pass them to every child (address -> its own children); return when every
-    child has answered."""
+    """Read ``size`` bytes from ``source`` (a socket or a file), hash each piece when
+    ``digest``, write them to ``dest`` when ``here``, pass them to every child (address ->
+    its own children); return when every child has answered."""
     links, feeds, senders = [], [], []
     for address, below in children.items():
         link = dial(address, port)
-        ask = {"size": size, "dest": dest, "children": below, "port": port}
+        ask = {"size": size, "dest": dest, "children": below, "port": port, "digest": digest}
         link.sendall(json.dumps(ask).encode() + b"\n")
         feed: queue.SimpleQueue = queue.SimpleQueue()
         sender = threading.Thread(target=forward, args=(link, feed), daemon=True)
@@ -96,6 +105,8 @@ def relay(
         if len(piece) != want:
             raise OSError(f"{len(piece)} bytes where {want} were due")
         left -= want
+        if digest:
+            hashlib.sha256(piece).digest()
         for feed in feeds:
             feed.put(piece)
         if out is not None:
@@ -122,23 +133,23 @@ def serve(port: int) -> None:
             try:
                 ask = read_header(conn)
                 below = {child: [] for child in ask["children"]}
-                relay(conn, ask["size"], ask["dest"], below, ask["port"], here=True)
+                relay(conn, ask["size"], ask["dest"], below, ask["port"], True, ask["digest"])
                 conn.sendall(DONE)
             except (OSError, ValueError, KeyError) as e:
                 print(f"bare_tree: {e}", file=sys.stderr, flush=True)
 
 
-def send(tree_file: str, src: str, dest: str, port: int) -> None:
+def send(tree_file: str, src: str, dest: str, port: int, digest: bool) -> None:
     with open(tree_file) as f:
         tree = json.load(f)
     with open(src, "rb") as data:
-        relay(data, os.fstat(data.fileno()).st_size, dest, tree, port, here=False)
+        relay(data, os.fstat(data.fileno()).st_size, dest, tree, port, False, digest)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
         serve(int(sys.argv[2]))
-    elif sys.argv[1:2] == ["send"] and len(sys.argv) == 6:
-        send(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    elif sys.argv[1:2] == ["send"] and len(sys.argv) in (6, 7) and sys.argv[6:] in ([], ["sha256"]):
+        send(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:] == ["sha256"])
     else:
         sys.exit(__doc__)
