@@ -194,7 +194,7 @@ def report(tree: LocalTree, settings: Settings, args: argparse.Namespace, root: 
     )
     print(f"client CPU per launch   {client:.1f} ms (gproc e: interpreter, packing, the job)")
     print(f"client import + pack    {spread(cold)}   (no closure cache)")
-    print(f"  with the closure cache{spread(warm)}")
+    print(f"  with the closure cache  {spread(warm)}")
 
 
 if __name__ == "__main__":
