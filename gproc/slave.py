@@ -637,10 +637,10 @@ class Slave:
 
     async def run(self) -> None:
         """Serve children, join the parent, relay jobs until the parent goes away."""
-        for directory in (self.node.bin_root, self.node.stage_root, self.node.cache_root):
+        roots = (self.node.bin_root, self.node.stage_root, self.node.cache_root)
+        for directory in roots:
             await asyncio.to_thread(users.claim_dir, directory, "-binRoot")
         await asyncio.to_thread(_empty, self.node.stage_root)  # a killed predecessor's leftovers
-        roots = (self.node.bin_root, self.node.stage_root, self.node.cache_root)
         self.node = replace(self.node, in_memory=all(map(diskwork.in_memory, roots)))
         if self.node.cache_bytes > 0:
             root, size = Path(self.node.cache_root), self.node.cache_bytes
