@@ -19,9 +19,10 @@ tool sees the same machine:
 
 Beside the tools, the data section has the floor: ``bare_tree.py`` (in this directory) sends
 the file down gproc's tree shape with plain sockets and writes, to 80 nodes and to one rack,
-with no framing, authentication, digest or flow control. What it takes is about the least any
-copy through this tree can take on these containers, so it says how far a goal is from what
-the harness allows at all; it is printed under the goals.
+with no framing, authentication, digest or flow control, and once more to 80 nodes with the
+one SHA-256 pass per node that gproc's nodes make (``bare + sha256``). What it takes is about
+the least any copy through this tree can take on these containers, so it says how far a goal
+is from what the harness allows at all; it is printed under the goals.
 
 It prints one table (median, min, max, front-end bytes, peer time / gproc time, and the CPU
 the whole cluster spent: every container's cgroup, read on the host, so the daemons, the
