@@ -11,7 +11,6 @@ through, no device or special files, and sizes and hashes that match the bytes t
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import posixpath
 import stat
@@ -22,10 +21,8 @@ from typing import Any
 
 from gproc.cache import BlobCache, create, write_all
 from gproc.digest import FileDigest, digest_file
-from gproc.errors import GprocError
+from gproc.errors import GprocError, warn
 from gproc.protocol import CHUNK
-
-log = logging.getLogger("gproc.bundle")
 
 KINDS = ("f", "d", "l")
 
@@ -632,7 +629,7 @@ class _Incoming:
                 self.cache.keep(self.spool, self.fd, self.entry.sha256)
                 self.spool = None
             except OSError as e:
-                log.warning("cannot cache %s: %s", self.entry.path, e)
+                warn("gproc.bundle", "cannot cache %s: %s", self.entry.path, e)
             dst = create(self.tmp)
             try:
                 self.cache.copy_fd(self.fd, dst, self.entry.size)

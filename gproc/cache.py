@@ -74,7 +74,6 @@ import contextlib
 import errno
 import fcntl
 import itertools
-import logging
 import os
 import re
 import threading
@@ -82,8 +81,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from gproc.digest import digest_fd
-
-log = logging.getLogger("gproc.cache")
+from gproc.errors import warn
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int): share the source's blocks, copy on write
 BLOCK = 1 << 20
@@ -204,7 +202,7 @@ class BlobCache:
                 if blob in self._index:
                     self._index[blob] = (st.st_size, stamp)
             return True
-        log.warning("cached %s changed since it was stored; dropping it", blob)
+        warn("gproc.cache", "cached %s changed since it was stored; dropping it", blob)
         with self._lock:
             self._drop(blob, st.st_ino)
         return False
@@ -292,7 +290,7 @@ class BlobCache:
                 raise OSError(errno.EINVAL, "bytes do not match the digest given")
             self.keep(spool, dst, digest)
         except OSError as e:
-            log.warning("cannot cache %s: %s", src, e)
+            warn("gproc.cache", "cannot cache %s: %s", src, e)
             with contextlib.suppress(OSError):
                 os.unlink(spool)
         finally:

@@ -15,12 +15,11 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from gproc import nodespec, users
 from gproc.bundle import BundleError, Entry, Packer, chunks, total_size
 from gproc.errors import GprocError
-from gproc.jsonout import JsonPrinter
 from gproc.output import FOLD_ABOVE, Printer, fold_levels
 from gproc.progress import ExecProgress
 from gproc.protocol import (
@@ -48,6 +47,9 @@ from gproc.protocol import (
     decode,
     frame_bytes,
 )
+
+if TYPE_CHECKING:
+    from gproc.jsonout import JsonPrinter
 
 INPUT_CHUNK = 64 << 10  # bytes of standard input per frame
 
@@ -240,7 +242,7 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
     header, manifest = build_job(opts)
     progress = ExecProgress(None if opts.json or opts.raw else sys.stderr)
     if printer is None:
-        chosen = JsonPrinter() if opts.json else Printer(raw=opts.raw, folded=opts.fold)
+        chosen = _json_printer() if opts.json else Printer(raw=opts.raw, folded=opts.fold)
         printer = progress.around(chosen)
     conn = connect(opts.uds)
     sender = Sender(conn, manifest, progress, sys.stdin.buffer if opts.stdin else None)
@@ -256,6 +258,13 @@ def run_exec(opts: ExecOptions, printer: Printer | None = None) -> int:
         progress.close()
         conn.close()
     return printer.finish()
+
+
+def _json_printer() -> JsonPrinter:
+    """-json's printer, imported only then: json is not among what every job's start needs."""
+    from gproc.jsonout import JsonPrinter
+
+    return JsonPrinter()
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)

@@ -1,10 +1,14 @@
-"""What each mode of ``gproc`` does, once the command line is parsed (see gproc.cli)."""
+"""What each mode of ``gproc`` does, once the command line is parsed (see gproc.cli).
+
+Each mode imports what it needs when it runs: ``gproc e`` is started for every job, and
+the modules only a daemon or ``gproc k`` uses (logging, the key file's secrets) would add
+to every job's start.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -13,9 +17,6 @@ from gproc.errors import GprocError
 
 if TYPE_CHECKING:
     from gproc.locales import Locale
-from gproc.keys import create_key, load_key
-
-log = logging.getLogger("gproc")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,10 +38,14 @@ def locale_for(args: argparse.Namespace) -> Locale:
 
 def key_for(args: argparse.Namespace) -> bytes:
     """The cluster key; the local locale makes one for the user when there is none."""
+    import logging
+
+    from gproc.keys import create_key, load_key
+
     if args.locale == "local":
         path, created = create_key(args.key)
         if created:
-            log.warning("created cluster key %s", path)
+            logging.getLogger("gproc").warning("created cluster key %s", path)
     return load_key(args.key)
 
 
@@ -95,10 +100,11 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 
     async def quietly() -> None:
         import asyncio
+        import logging
 
         from gproc.stream import quiet_loop_errors
 
-        quiet_loop_errors(asyncio.get_running_loop(), log)
+        quiet_loop_errors(asyncio.get_running_loop(), logging.getLogger("gproc"))
         await main()
 
     try:
@@ -197,6 +203,8 @@ def do_info(args: argparse.Namespace) -> int:
 
 
 def do_key(args: argparse.Namespace) -> int:
+    from gproc.keys import create_key
+
     path, created = create_key(args.key)
     print(
         f"{'created' if created else 'kept the existing'} cluster key {path}; "

@@ -10,3 +10,15 @@ reach the user as one line on standard error instead of a traceback.
 
 class GprocError(Exception):
     """A failure whose message says what was wrong and what to do; never a traceback."""
+
+
+def warn(logger: str, message: str, *args: object) -> None:
+    """A warning in the log named ``logger``.
+
+    logging is imported on the first warning rather than by every module that may give one:
+    ``gproc e`` starts for every job, and logging and what it imports were a tenth of its
+    start (gproc.commands).
+    """
+    import logging
+
+    logging.getLogger(logger).warning(message, *args)
