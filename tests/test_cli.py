@@ -38,6 +38,23 @@ def test_help_explains_modes_and_switches() -> None:
         assert word in r.stdout
 
 
+@pytest.mark.parametrize("columns", [60, 120])
+def test_help_wraps_the_switches_to_the_terminal(columns: int) -> None:
+    """The switches' help fits COLUMNS, as argparse's own width would (gproc.cli asks
+    the terminal itself); the modes' text above them is laid out by hand."""
+    r = subprocess.run(
+        [sys.executable, "-m", "gproc", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": str(columns)},
+    )
+    assert r.returncode == 0
+    switches = r.stdout[r.stdout.index("\noptions:") :].splitlines()
+    assert max(len(line) for line in switches) <= columns
+    assert max(len(line) for line in switches) > columns - 20  # the width is used, too
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
