@@ -16,8 +16,8 @@ def warn(logger: str, message: str, *args: object) -> None:
     """A warning in the log named ``logger``.
 
     logging is imported on the first warning rather than by every module that may give one:
-    ``gproc e`` starts for every job, and logging and what it imports were a tenth of its
-    start (gproc.commands).
+    ``gproc e`` starts for every job, and logging with what it imports was about 9 ms of the
+    150 ms of CPU it spent on the harness's front-end before it sent its job.
     """
     import logging
 
