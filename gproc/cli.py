@@ -8,6 +8,7 @@ before the node spec). ``-name=value`` and ``-name value`` both work, and boolea
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -243,9 +244,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, width=_columns())
 
 
+@functools.cache
 def _columns() -> int:
     """The width ``shutil.get_terminal_size`` gives (COLUMNS, the terminal, or 80), less
-    argparse's margin of 2."""
+    argparse's margin of 2; asked once, not for every switch's formatter."""
     try:
         columns = int(os.environ["COLUMNS"])
     except (KeyError, ValueError):

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from gproc.errors import GprocError
+from gproc.errors import GprocError, warn
 
 if TYPE_CHECKING:
     from gproc.locales import Locale
@@ -38,14 +38,12 @@ def locale_for(args: argparse.Namespace) -> Locale:
 
 def key_for(args: argparse.Namespace) -> bytes:
     """The cluster key; the local locale makes one for the user when there is none."""
-    import logging
-
     from gproc.keys import create_key, load_key
 
     if args.locale == "local":
         path, created = create_key(args.key)
         if created:
-            logging.getLogger("gproc").warning("created cluster key %s", path)
+            warn("gproc", "created cluster key %s", path)
     return load_key(args.key)
 
 

@@ -13,9 +13,13 @@ import pytest
 from gproc.cli import parse
 
 
-def gproc(*args: str) -> subprocess.CompletedProcess:
+def gproc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gproc", *args], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "gproc", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
 
 
@@ -42,13 +46,7 @@ def test_help_explains_modes_and_switches() -> None:
 def test_help_wraps_the_switches_to_the_terminal(columns: int) -> None:
     """The switches' help fits COLUMNS, as argparse's own width would (gproc.cli asks
     the terminal itself); the modes' text above them is laid out by hand."""
-    r = subprocess.run(
-        [sys.executable, "-m", "gproc", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "COLUMNS": str(columns)},
-    )
+    r = gproc("--help", env={**os.environ, "COLUMNS": str(columns)})
     assert r.returncode == 0
     switches = r.stdout[r.stdout.index("\noptions:") :].splitlines()
     assert max(len(line) for line in switches) <= columns
